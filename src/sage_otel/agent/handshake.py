@@ -1,0 +1,260 @@
+"""The HPKE 1-RTT handshake ("hpke/complete@v1").
+
+Three stages, each its own code unit so that each can be timed:
+
+* :meth:`Initiator.init` builds and signs the request (HPKE encapsulation to the peer's
+  KEM key, a fresh ephemeral X25519 key for the end-to-end combiner);
+* :meth:`Responder.process` verifies it, opens the HPKE context, answers with a signed
+  response carrying its ephemeral key and the ackTag, and creates its session;
+* :meth:`Initiator.finalize` verifies the answer and the ackTag and creates its session.
+
+Both sides derive the same seed (HPKE exporter secret combined with X25519(ephS, ephC)),
+so session ids and keys match the Go reference for identical inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from . import hpke
+from .did import DIDDocument, DIDResolver
+from .encoding import b64url, format_rfc3339, from_b64url, parse_rfc3339
+from .errors import InvalidMessageError, ReplayError, SignatureError, TimestampSkewError
+from .identity import AgentIdentity, new_kid, verify_signature
+from .keyschedule import (
+    ack_tag,
+    build_export_ctx,
+    build_info,
+    combine_seed,
+    session_id,
+    transcript_hash,
+    x25519_e2e,
+)
+from .message import NonceCache, NonceStatus
+from .session import Role, Session, SessionManager
+
+TASK = "hpke/complete@v1"
+VERSION = "v1"
+HANDSHAKE_SKEW = 120.0
+HANDSHAKE_REPLAY_TTL = 600.0
+_REQUEST_FIELDS = ("initDid", "respDid", "info", "exportCtx", "nonce", "ts", "enc", "ephC")
+
+
+def _canonical(obj: dict[str, str]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _sha256_b64(data: bytes) -> str:
+    return b64url(hashlib.sha256(data).digest())
+
+
+def _load_json_object(data: bytes, what: str) -> dict[str, str]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessageError(f"{what} is not JSON", code="bad_handshake") from exc
+    if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
+        raise InvalidMessageError(f"{what} must be an object of strings", code="bad_handshake")
+    return obj
+
+
+@dataclass(frozen=True)
+class HandshakeRequest:
+    """What the initiator sends: the raw payload bytes and its signature over them."""
+
+    ctx_id: str
+    init_did: str
+    payload: bytes
+    signature: bytes
+
+
+@dataclass
+class PendingHandshake:
+    """Initiator state between init and finalize; holds the ephemeral secret."""
+
+    request: HandshakeRequest
+    peer: DIDDocument
+    fields: dict[str, str]
+    exporter: bytes = field(repr=False)
+    eph_c_private: bytes = field(repr=False)
+
+    def wipe(self) -> None:
+        self.exporter = self.eph_c_private = b""
+
+
+class Initiator:
+    def __init__(self, identity: AgentIdentity, sessions: SessionManager) -> None:
+        self.identity = identity
+        self.sessions = sessions
+
+    def init(self, peer: DIDDocument, ctx_id: str | None = None) -> PendingHandshake:
+        ctx_id = ctx_id or f"ctx-{uuid.uuid4()}"
+        init_did, resp_did = str(self.identity.did), str(peer.did)
+        info = build_info(ctx_id, init_did, resp_did)
+        export_ctx = build_export_ctx(ctx_id)
+        enc, context = hpke.setup_base_sender(peer.kem_public_key, info)
+        eph_c_private, eph_c = hpke.generate_key_pair()
+        fields = {
+            "initDid": init_did,
+            "respDid": resp_did,
+            "info": info.decode(),
+            "exportCtx": export_ctx.decode(),
+            "nonce": b64url(os.urandom(16)),
+            "ts": format_rfc3339(),
+            "enc": b64url(enc),
+            "ephC": b64url(eph_c),
+        }
+        payload = json.dumps(fields, separators=(",", ":")).encode()
+        signature = self.identity.signing_key.sign(payload)
+        return PendingHandshake(
+            request=HandshakeRequest(ctx_id, init_did, payload, signature),
+            peer=peer,
+            fields=fields,
+            exporter=context.export(export_ctx, 32),
+            eph_c_private=eph_c_private,
+        )
+
+    def finalize(self, pending: PendingHandshake, response: object) -> Session:
+        """Verify the responder's answer and create the initiator's session."""
+        try:
+            if not isinstance(response, dict):
+                raise InvalidMessageError(
+                    "handshake response must be an object", code="bad_handshake"
+                )
+            resp = {k: v for k, v in response.items() if k != "sigB64"}
+            if not all(isinstance(v, str) for v in resp.values()):
+                raise InvalidMessageError(
+                    "handshake response fields must be strings", code="bad_handshake"
+                )
+            sent = pending.fields
+            for key, expected in (
+                ("v", VERSION),
+                ("task", TASK),
+                ("ctx", pending.request.ctx_id),
+                ("did", sent["respDid"]),
+                ("enc", sent["enc"]),
+                ("ephC", sent["ephC"]),
+                ("infoHash", _sha256_b64(sent["info"].encode())),
+                ("exportCtxHash", _sha256_b64(sent["exportCtx"].encode())),
+            ):
+                if resp.get(key) != expected:
+                    raise InvalidMessageError(
+                        f"handshake response {key} mismatch", code="bad_handshake"
+                    )
+            verify_signature(
+                pending.peer.key_type,
+                pending.peer.public_key,
+                _canonical(resp),
+                from_b64url(response.get("sigB64"), "sigB64"),
+            )
+            kid = resp.get("kid", "")
+            if not kid:
+                raise InvalidMessageError("handshake response lacks kid", code="bad_handshake")
+            eph_s = from_b64url(resp.get("ephS"), "ephS")
+            seed = combine_seed(
+                pending.exporter,
+                x25519_e2e(pending.eph_c_private, eph_s),
+                sent["exportCtx"].encode(),
+            )
+            th = transcript_hash(
+                sent["info"].encode(),
+                sent["exportCtx"].encode(),
+                from_b64url(sent["enc"]),
+                from_b64url(sent["ephC"]),
+                eph_s,
+                sent["initDid"],
+                sent["respDid"],
+            )
+            expected_tag = ack_tag(seed, pending.request.ctx_id, sent["nonce"], kid, th)
+            if not hmac.compare_digest(
+                expected_tag, from_b64url(resp.get("ackTagB64"), "ackTagB64")
+            ):
+                raise SignatureError("ackTag mismatch", code="bad_ack_tag")
+            return self.sessions.create(
+                session_id(seed), Role.INITIATOR, seed, peer_did=sent["respDid"], kid=kid
+            )
+        finally:
+            pending.wipe()
+
+
+class Responder:
+    def __init__(
+        self,
+        identity: AgentIdentity,
+        resolver: DIDResolver,
+        sessions: SessionManager,
+        replay_cache: NonceCache | None = None,
+        clock=time.time,
+    ) -> None:
+        self.identity = identity
+        self.resolver = resolver
+        self.sessions = sessions
+        self.clock = clock
+        self.replays = replay_cache or NonceCache(ttl=HANDSHAKE_REPLAY_TTL, clock=clock)
+
+    async def process(
+        self, sender_did: str, payload: bytes, signature: bytes
+    ) -> tuple[dict[str, str], Session]:
+        """Check the request in the protocol's order, answer it, create the session."""
+        sender = await self.resolver.resolve(sender_did)
+        verify_signature(sender.key_type, sender.public_key, payload, signature)
+        fields = _load_json_object(payload, "handshake payload")
+        missing = [k for k in _REQUEST_FIELDS if not fields.get(k)]
+        if missing:
+            raise InvalidMessageError(f"handshake payload lacks {missing[0]}", code="bad_handshake")
+        own_did = str(self.identity.did)
+        if fields["initDid"] != str(sender.did) or fields["respDid"] != own_did:
+            raise InvalidMessageError("handshake DIDs do not match", code="did_mismatch")
+        ts = parse_rfc3339(fields["ts"], "ts") / 1e9
+        now = self.clock()
+        if abs(ts - now) > HANDSHAKE_SKEW:
+            raise TimestampSkewError("handshake timestamp outside tolerance")
+        ctx_id = _ctx_from_export(fields["exportCtx"])
+        replay_key = f"{ctx_id}|{fields['nonce']}".encode()
+        if self.replays.check(replay_key, ts) is not NonceStatus.VALID:
+            raise ReplayError("handshake replayed", code="handshake_replay")
+        info = build_info(ctx_id, fields["initDid"], own_did)
+        export_ctx = build_export_ctx(ctx_id)
+        if fields["info"].encode() != info or fields["exportCtx"].encode() != export_ctx:
+            raise InvalidMessageError("info or exportCtx mismatch", code="bad_handshake")
+        enc, eph_c = from_b64url(fields["enc"], "enc"), from_b64url(fields["ephC"], "ephC")
+        self.replays.mark(replay_key)
+        context = hpke.setup_base_receiver(enc, self.identity.kem.private, info)
+        eph_s_private, eph_s = hpke.generate_key_pair()
+        seed = combine_seed(
+            context.export(export_ctx, 32), x25519_e2e(eph_s_private, eph_c), export_ctx
+        )
+        kid = new_kid()
+        th = transcript_hash(info, export_ctx, enc, eph_c, eph_s, fields["initDid"], own_did)
+        response = {
+            "v": VERSION,
+            "task": TASK,
+            "ctx": ctx_id,
+            "kid": kid,
+            "ephS": b64url(eph_s),
+            "ackTagB64": b64url(ack_tag(seed, ctx_id, fields["nonce"], kid, th)),
+            "ts": format_rfc3339(),
+            "did": own_did,
+            "infoHash": _sha256_b64(info),
+            "exportCtxHash": _sha256_b64(export_ctx),
+            "enc": fields["enc"],
+            "ephC": fields["ephC"],
+        }
+        response["sigB64"] = b64url(self.identity.signing_key.sign(_canonical(response)))
+        session = self.sessions.create(
+            session_id(seed), Role.RESPONDER, seed, peer_did=fields["initDid"], kid=kid
+        )
+        return response, session
+
+
+def _ctx_from_export(export_ctx: str) -> str:
+    _, sep, ctx_id = export_ctx.rpartition("|ctx=")
+    if not sep or not ctx_id or len(ctx_id) > 128:
+        raise InvalidMessageError("exportCtx lacks ctx", code="bad_handshake")
+    return ctx_id

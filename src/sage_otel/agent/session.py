@@ -1,0 +1,256 @@
+"""Secure sessions: directional ChaCha20-Poly1305 keys, HMAC signing keys, and limits.
+
+A session is created from the handshake seed. Each direction has its own encryption and
+signing key; the initiator sends with the client-to-server pair. Sessions end by explicit
+close or by a limit (max age, idle timeout, max messages); either way their keys are zeroed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from .errors import (
+    CryptoError,
+    SageError,
+    SessionExpiredError,
+    SessionNotFoundError,
+    SignatureError,
+)
+from .keyschedule import directional_keys
+
+AEAD_NONCE_SIZE = 12
+AEAD_TAG_SIZE = 16
+
+
+class Role(str, Enum):
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+class EndReason(str, Enum):
+    CLOSED = "closed"
+    MAX_AGE = "max_age"
+    IDLE = "idle"
+    MAX_MESSAGES = "max_messages"
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Reference defaults: 1 h max age, 10 min idle, 1000 messages."""
+
+    max_age: float = 3600.0
+    idle_timeout: float = 600.0
+    max_messages: int = 1000
+
+
+class Session:
+    __slots__ = (
+        "_closed",
+        "_recv_aead",
+        "_recv_sign",
+        "_secrets",
+        "_send_aead",
+        "_send_sign",
+        "clock",
+        "created_at",
+        "end_reason",
+        "id",
+        "kid",
+        "last_recv_seq",
+        "last_used",
+        "limits",
+        "message_count",
+        "next_send_seq",
+        "peer_did",
+        "role",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        role: Role,
+        seed: bytes,
+        *,
+        peer_did: str,
+        kid: str,
+        limits: SessionLimits,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        keys = directional_keys(seed, session_id)
+        # Keys live in bytearrays so close() can overwrite them in place.
+        self._secrets = [
+            bytearray(k) for k in (keys.c2s_encrypt, keys.c2s_sign, keys.s2c_encrypt, keys.s2c_sign)
+        ]
+        c2s_enc, c2s_sign, s2c_enc, s2c_sign = self._secrets
+        if role is Role.INITIATOR:
+            send_enc, self._send_sign, recv_enc, self._recv_sign = (
+                c2s_enc,
+                c2s_sign,
+                s2c_enc,
+                s2c_sign,
+            )
+        else:
+            send_enc, self._send_sign, recv_enc, self._recv_sign = (
+                s2c_enc,
+                s2c_sign,
+                c2s_enc,
+                c2s_sign,
+            )
+        self._send_aead: ChaCha20Poly1305 | None = ChaCha20Poly1305(bytes(send_enc))
+        self._recv_aead: ChaCha20Poly1305 | None = ChaCha20Poly1305(bytes(recv_enc))
+        self.id = session_id
+        self.role = role
+        self.peer_did = peer_did
+        self.kid = kid
+        self.limits = limits
+        self.clock = clock
+        self.created_at = self.last_used = clock()
+        self.message_count = 0
+        self.next_send_seq = 1
+        self.last_recv_seq = 0
+        self.end_reason: EndReason | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def expired_reason(self, now: float | None = None) -> EndReason | None:
+        """Which limit, if any, this session has passed."""
+        if self._closed:
+            return self.end_reason or EndReason.CLOSED
+        now = self.clock() if now is None else now
+        if now - self.created_at >= self.limits.max_age:
+            return EndReason.MAX_AGE
+        if now - self.last_used >= self.limits.idle_timeout:
+            return EndReason.IDLE
+        if self.message_count >= self.limits.max_messages:
+            return EndReason.MAX_MESSAGES
+        return None
+
+    def _use(self) -> None:
+        reason = self.expired_reason()
+        if reason is not None:
+            raise SessionExpiredError(f"session ended: {reason.value}")
+        self.message_count += 1
+        self.last_used = self.clock()
+
+    def encrypt(self, plaintext: bytes, aad: bytes = b"") -> bytes:
+        """Seal with a fresh random nonce; the wire form is nonce || ciphertext."""
+        self._use()
+        nonce = os.urandom(AEAD_NONCE_SIZE)
+        return nonce + self._send_aead.encrypt(nonce, plaintext, aad)  # type: ignore[union-attr]
+
+    def decrypt(self, wire: bytes, aad: bytes = b"") -> bytes:
+        if self._closed:
+            raise SessionExpiredError("session closed")
+        if len(wire) < AEAD_NONCE_SIZE + AEAD_TAG_SIZE:
+            raise CryptoError("ciphertext truncated", code="truncated_ciphertext")
+        try:
+            plaintext = self._recv_aead.decrypt(  # type: ignore[union-attr]
+                wire[:AEAD_NONCE_SIZE], wire[AEAD_NONCE_SIZE:], aad
+            )
+        except InvalidTag as exc:
+            raise CryptoError("message authentication failed", code="decrypt_failed") from exc
+        self.last_used = self.clock()
+        return plaintext
+
+    def sign(self, data: bytes) -> bytes:
+        """HMAC-SHA256 under this direction's signing key (never the zero key)."""
+        return hmac.digest(self._send_sign, data, "sha256")
+
+    def verify(self, data: bytes, tag: bytes) -> None:
+        if self._closed or not hmac.compare_digest(
+            hmac.digest(self._recv_sign, data, "sha256"), tag
+        ):
+            raise SignatureError("message signature invalid")
+
+    def note_received(self) -> None:
+        """Count an accepted inbound message against the limits."""
+        self._use()
+
+    def close(self, reason: EndReason = EndReason.CLOSED) -> None:
+        """Zero the key material and refuse any further use."""
+        if self._closed:
+            return
+        self._closed = True
+        self.end_reason = reason
+        for secret in self._secrets:
+            secret[:] = bytes(len(secret))
+        self._send_aead = self._recv_aead = None
+
+
+class SessionManager:
+    """Owns live sessions by id; expired ones are closed on touch or by :meth:`sweep`."""
+
+    def __init__(
+        self,
+        limits: SessionLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_sessions: int = 100_000,
+    ) -> None:
+        self.limits = limits or SessionLimits()
+        self.clock = clock
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+
+    @property
+    def active_count(self) -> int:
+        return len(self._sessions)
+
+    def create(
+        self, session_id: str, role: Role, seed: bytes, *, peer_did: str, kid: str
+    ) -> Session:
+        if session_id in self._sessions:
+            raise SageError("session id already in use", code="session_exists")
+        if len(self._sessions) >= self.max_sessions:
+            raise SageError("too many sessions", code="session_capacity")
+        session = Session(
+            session_id, role, seed, peer_did=peer_did, kid=kid, limits=self.limits, clock=self.clock
+        )
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        """The live session, or a typed error; a session found past a limit is expired here."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFoundError("no such session")
+        reason = session.expired_reason()
+        if reason is not None:
+            self.expire(session, reason)
+            raise SessionExpiredError(f"session ended: {reason.value}")
+        return session
+
+    def close(self, session_id: str) -> bool:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.close(EndReason.CLOSED)
+        return True
+
+    def expire(self, session: Session, reason: EndReason) -> None:
+        """Remove a session that passed a limit and zero its keys."""
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+        session.close(reason)
+
+    def sweep(self) -> int:
+        """Expire every session past a limit; returns how many."""
+        now = self.clock()
+        ended = [(s, r) for s in list(self._sessions.values()) if (r := s.expired_reason(now))]
+        for session, reason in ended:
+            self.expire(session, reason)
+        return len(ended)
+
+    def close_all(self) -> None:
+        for session_id in list(self._sessions):
+            self.close(session_id)
