@@ -1,2 +1,3 @@
 """sage-otel: observability for SAGE agents."""
+
 __version__ = "0.1.0"

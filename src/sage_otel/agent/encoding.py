@@ -20,7 +20,7 @@ def b64url(data: bytes) -> str:
 
 def from_b64url(text: object, field: str = "value") -> bytes:
     """Decode unpadded base64url; anything else is an :class:`InvalidMessageError`."""
-    if not isinstance(text, str) or not _B64URL.match(text) or len(text) % 4 == 1:
+    if not isinstance(text, str) or not _B64URL.fullmatch(text) or len(text) % 4 == 1:
         raise InvalidMessageError(f"{field}: not base64url", code="bad_base64")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
@@ -30,7 +30,7 @@ def b64std(data: bytes) -> str:
 
 
 def from_b64std(text: object, field: str = "value") -> bytes:
-    if not isinstance(text, str) or len(text) % 4 or not _B64STD.match(text):
+    if not isinstance(text, str) or len(text) % 4 or not _B64STD.fullmatch(text):
         raise InvalidMessageError(f"{field}: not base64", code="bad_base64")
     try:
         return base64.b64decode(text, validate=True)
@@ -53,7 +53,7 @@ def format_rfc3339(ns: int | None = None) -> str:
 
 def parse_rfc3339(text: object, field: str = "timestamp") -> int:
     """Parse RFC 3339 (up to nanoseconds) to Unix nanoseconds."""
-    match = _RFC3339.match(text) if isinstance(text, str) else None
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
     if not match:
         raise InvalidMessageError(f"{field}: not an RFC 3339 timestamp", code="bad_timestamp")
     year, month, day, hour, minute, second, frac, offset = match.groups()

@@ -57,7 +57,7 @@ def _sha256_b64(data: bytes) -> str:
 def _load_json_object(data: bytes, what: str) -> dict[str, str]:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidMessageError(f"{what} is not JSON", code="bad_handshake") from exc
     if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
         raise InvalidMessageError(f"{what} must be an object of strings", code="bad_handshake")

@@ -71,7 +71,7 @@ def parse_did(text: object) -> DID:
         raise InvalidMessageError("not a did:sage DID", code="bad_did")
     chain = CHAIN_ALIASES.get(parts[2].lower())
     ident = parts[3]
-    if chain is Chain.ETHEREUM and _ETH_ID.match(ident):
+    if chain is Chain.ETHEREUM and _ETH_ID.fullmatch(ident):
         return DID(chain, ident.lower())
     if chain is Chain.SOLANA and 32 <= len(ident) <= 44 and set(ident) <= _B58_ALPHABET:
         return DID(chain, ident)

@@ -68,7 +68,7 @@ def parse_envelope(body: bytes) -> Envelope:
     """Parse and type-check a request body; every defect is an InvalidMessageError."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise InvalidMessageError("body is not JSON", code="malformed_json") from exc
     if not isinstance(data, dict):
         raise InvalidMessageError("body must be a JSON object", code="malformed_json")

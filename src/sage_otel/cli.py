@@ -1,0 +1,75 @@
+"""The ``sage-otel`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sage-otel", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sage-otel {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run a server agent and client agents on loopback")
+    demo.add_argument(
+        "--duration",
+        type=_non_negative,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many seconds (default: until Ctrl-C)",
+    )
+    demo.add_argument("--clients", type=_positive_int, default=4, metavar="N")
+    demo.add_argument(
+        "--rate",
+        type=_non_negative,
+        default=20.0,
+        metavar="R",
+        help="messages per second per client; 0 = as fast as possible",
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="print a JSON summary as the last line of stdout"
+    )
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=0, help="server agent port (default: any free)")
+    demo.add_argument(
+        "--registry", metavar="PATH", help="JSON-file DID registry (default: in memory)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import DemoConfig
+        from .demo import main as demo_main
+
+        config = DemoConfig(
+            duration=args.duration,
+            clients=args.clients,
+            rate=args.rate,
+            host=args.host,
+            port=args.port,
+            registry_path=args.registry,
+        )
+        return demo_main(config, as_json=args.json)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
