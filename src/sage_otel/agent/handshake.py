@@ -224,7 +224,7 @@ class Responder:
         if fields["info"].encode() != info or fields["exportCtx"].encode() != export_ctx:
             raise InvalidMessageError("info or exportCtx mismatch", code="bad_handshake")
         enc, eph_c = from_b64url(fields["enc"], "enc"), from_b64url(fields["ephC"], "ephC")
-        self.replays.mark(replay_key)
+        self.replays.mark(replay_key, ts)
         context = hpke.setup_base_receiver(enc, self.identity.kem.private, info)
         eph_s_private, eph_s = hpke.generate_key_pair()
         seed = combine_seed(

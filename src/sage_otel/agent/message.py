@@ -192,15 +192,20 @@ class NonceCache:
     def check(self, key: bytes, timestamp: float) -> NonceStatus:
         now = self.clock()
         self._prune(now)
-        if timestamp < self.floor or timestamp + self.ttl <= now:
+        if timestamp <= self.floor or timestamp + self.ttl <= now:
             return NonceStatus.EXPIRED
         if key in self._seen:
             return NonceStatus.INVALID
         return NonceStatus.VALID
 
-    def mark(self, key: bytes) -> None:
+    def mark(self, key: bytes, timestamp: float | None = None) -> None:
+        """Remember ``key``; ``timestamp`` is the message's own, which may run ahead of the clock.
+
+        An entry is kept (and, once evicted, raises the floor) to the later of the two, so
+        neither pruning nor eviction can let a replay of it through as fresh.
+        """
         now = self.clock()
-        self._seen[key] = now
+        self._seen[key] = now if timestamp is None else max(now, timestamp)
         while len(self._seen) > self.max_size:
             _, stamp = self._seen.popitem(last=False)
             self.floor = max(self.floor, stamp)
@@ -243,7 +248,7 @@ class MessageValidator:
             raise TimestampSkewError("nonce window expired", code="nonce_expired")
         if message.seq <= session.last_recv_seq:
             raise SequenceError("sequence number not increasing")
-        self.nonces.mark(message.session_id.encode() + message.nonce)
+        self.nonces.mark(message.session_id.encode() + message.nonce, message.timestamp_ns / 1e9)
         session.last_recv_seq = message.seq
         session.note_received()
         plaintext = session.decrypt(

@@ -165,12 +165,14 @@ class Session:
 
     def sign(self, data: bytes) -> bytes:
         """HMAC-SHA256 under this direction's signing key (never the zero key)."""
+        if self._closed:
+            raise SessionExpiredError("session closed")
         return hmac.digest(self._send_sign, data, "sha256")
 
     def verify(self, data: bytes, tag: bytes) -> None:
-        if self._closed or not hmac.compare_digest(
-            hmac.digest(self._recv_sign, data, "sha256"), tag
-        ):
+        if self._closed:
+            raise SessionExpiredError("session closed")
+        if not hmac.compare_digest(hmac.digest(self._recv_sign, data, "sha256"), tag):
             raise SignatureError("message signature invalid")
 
     def note_received(self) -> None:
