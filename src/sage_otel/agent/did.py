@@ -17,9 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import identity as _identity
 from .encoding import b64url, from_b64url
 from .errors import InactiveAgentError, InvalidMessageError, RegistrationError, UnknownDIDError
-from .identity import DID, AgentIdentity, KeyType, key_matches_did, parse_did, verify_signature
+from .identity import DID, AgentIdentity, KeyType, key_matches_did, parse_did
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class DIDDocument:
                 raise
             raise InvalidMessageError("malformed DID document", code="bad_document") from exc
 
+    def verify(self, data: bytes, signature: bytes) -> None:
+        """Raise SignatureError unless this agent's identity key signed ``data``."""
+        # Looked up on the module at call time, so instrumentation sees every verification.
+        _identity.verify_signature(self.key_type, self.public_key, data, signature)
+
     def canonical_bytes(self) -> bytes:
         """The bytes a registration signature covers."""
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
@@ -105,9 +111,7 @@ class Registry(ABC):
             raise RegistrationError(
                 "DID is not derived from the document's key", code="did_key_mismatch"
             )
-        verify_signature(
-            document.key_type, document.public_key, document.canonical_bytes(), signature
-        )
+        document.verify(document.canonical_bytes(), signature)
         await self._store(document)
 
     async def deactivate(self, document: DIDDocument, signature: bytes) -> None:

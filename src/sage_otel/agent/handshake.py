@@ -26,7 +26,7 @@ from . import hpke
 from .did import DIDDocument, DIDResolver
 from .encoding import b64url, format_rfc3339, from_b64url, parse_rfc3339
 from .errors import InvalidMessageError, ReplayError, SignatureError, TimestampSkewError
-from .identity import AgentIdentity, new_kid, verify_signature
+from .identity import AgentIdentity, new_kid
 from .keyschedule import (
     ack_tag,
     build_export_ctx,
@@ -147,12 +147,7 @@ class Initiator:
                     raise InvalidMessageError(
                         f"handshake response {key} mismatch", code="bad_handshake"
                     )
-            verify_signature(
-                pending.peer.key_type,
-                pending.peer.public_key,
-                _canonical(resp),
-                from_b64url(response.get("sigB64"), "sigB64"),
-            )
+            pending.peer.verify(_canonical(resp), from_b64url(response.get("sigB64"), "sigB64"))
             kid = resp.get("kid", "")
             if not kid:
                 raise InvalidMessageError("handshake response lacks kid", code="bad_handshake")
@@ -203,7 +198,7 @@ class Responder:
     ) -> tuple[dict[str, str], Session]:
         """Check the request in the protocol's order, answer it, create the session."""
         sender = await self.resolver.resolve(sender_did)
-        verify_signature(sender.key_type, sender.public_key, payload, signature)
+        sender.verify(payload, signature)
         fields = _load_json_object(payload, "handshake payload")
         missing = [k for k in _REQUEST_FIELDS if not fields.get(k)]
         if missing:

@@ -14,8 +14,8 @@ import contextlib
 import json
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -62,9 +62,10 @@ class Envelope:
     signature: bytes
     metadata: dict[str, Any]
     raw_payload: str
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
-def parse_envelope(body: bytes) -> Envelope:
+def parse_envelope(body: bytes, headers: Mapping[str, str] | None = None) -> Envelope:
     """Parse and type-check a request body; every defect is an InvalidMessageError."""
     try:
         data = json.loads(body)
@@ -91,6 +92,7 @@ def parse_envelope(body: bytes) -> Envelope:
         signature=from_b64std(data.get("signature", ""), "signature"),
         metadata=metadata,
         raw_payload=data.get("payload", ""),
+        headers=headers or {},
     )
 
 
@@ -169,7 +171,7 @@ class ServerAgent:
     async def _endpoint(self, request: Request) -> JSONResponse:
         envelope: Envelope | None = None
         try:
-            envelope = parse_envelope(await self._read_body(request))
+            envelope = parse_envelope(await self._read_body(request), request.headers)
             header_did = request.headers.get("x-sage-did")
             if header_did is not None and header_did != envelope.did:
                 raise InvalidMessageError("X-SAGE-DID does not match body", code="header_mismatch")
@@ -302,10 +304,16 @@ class ClientAgent:
             "role": "user",
         }
 
-    async def post(self, base_url: str, body: dict[str, Any] | bytes) -> Any:
+    async def post(
+        self, base_url: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None
+    ) -> Any:
         """POST an envelope; a typed PeerError for a failure answer, NetworkError if unreachable."""
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers = {"content-type": "application/json", "x-sage-did": str(self.identity.did)}
+        headers = {
+            **(headers or {}),
+            "content-type": "application/json",
+            "x-sage-did": str(self.identity.did),
+        }
         if isinstance(body, dict):
             headers["x-sage-message-id"] = body.get("id", "")
             headers["x-sage-context-id"] = body.get("context_id", "")
