@@ -50,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--registry", metavar="PATH", help="JSON-file DID registry (default: in memory)"
     )
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="P",
+        help="port for /metrics (default: OTEL_EXPORTER_PROMETHEUS_PORT or 9090)",
+    )
+    demo.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address for /metrics (default: OTEL_EXPORTER_PROMETHEUS_HOST or 127.0.0.1)",
+    )
+    demo.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="set up no telemetry of its own (for opentelemetry-instrument)",
+    )
     return parser
 
 
@@ -66,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             registry_path=args.registry,
+            telemetry=not args.no_telemetry,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
         return demo_main(config, as_json=args.json)
     return 2

@@ -50,6 +50,9 @@ class DemoConfig:
     session_max_messages: int = 100
     close_after: int = 20
     inject_every: int = 7
+    telemetry: bool = True
+    metrics_port: int | None = None
+    metrics_host: str | None = None
 
 
 @dataclass
@@ -341,17 +344,40 @@ async def run_demo(config: DemoConfig, *, live: bool = False) -> DemoStats:
         return task.result()
 
 
+def _start_telemetry(config: DemoConfig):
+    """Telemetry of the demo's own (not under --no-telemetry): /metrics, OTLP if configured."""
+    if not config.telemetry:
+        return None
+    from .telemetry.setup import configure
+
+    return configure(
+        service_name=None if os.environ.get("OTEL_SERVICE_NAME") else "sage-otel-demo",
+        metrics_port=config.metrics_port,
+        metrics_host=config.metrics_host,
+    )
+
+
 def main(config: DemoConfig, *, as_json: bool) -> int:
     live = not as_json and sys.stdout.isatty()
     try:
+        telemetry = _start_telemetry(config)
+    except OSError as error:
+        print(f"sage-otel demo: cannot start: /metrics: {error.strerror or error}", file=sys.stderr)
+        return 2
+    if telemetry is not None and telemetry.metrics_address and not as_json:
+        host, port = telemetry.metrics_address
+        print(f"sage-otel demo: metrics on http://{host}:{port}/metrics", file=sys.stderr)
+    try:
         stats = asyncio.run(run_demo(config, live=live))
     except OSError as error:
+        reason = error.strerror or error
         print(
-            f"sage-otel demo: cannot start: {error.strerror or error} "
-            f"({config.host}:{config.port})",
-            file=sys.stderr,
+            f"sage-otel demo: cannot start: {reason} ({config.host}:{config.port})", file=sys.stderr
         )
         return 2
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
     summary = stats.summary()
     if as_json:
         print(json.dumps(summary))

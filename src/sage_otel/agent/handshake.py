@@ -191,7 +191,11 @@ class Responder:
         self.resolver = resolver
         self.sessions = sessions
         self.clock = clock
-        self.replays = replay_cache or NonceCache(ttl=HANDSHAKE_REPLAY_TTL, clock=clock)
+        self.replays = (
+            replay_cache
+            if replay_cache is not None
+            else NonceCache(ttl=HANDSHAKE_REPLAY_TTL, clock=clock)
+        )
 
     async def process(
         self, sender_did: str, payload: bytes, signature: bytes

@@ -220,7 +220,7 @@ class MessageValidator:
         tolerance: float = TIMESTAMP_TOLERANCE,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.nonces = nonces or NonceCache(clock=clock)
+        self.nonces = nonces if nonces is not None else NonceCache(clock=clock)
         self.tolerance = tolerance
         self.clock = clock
 

@@ -239,11 +239,13 @@ class SessionManager:
         session.close(EndReason.CLOSED)
         return True
 
-    def expire(self, session: Session, reason: EndReason) -> None:
-        """Remove a session that passed a limit and zero its keys."""
-        if self._sessions.get(session.id) is session:
+    def expire(self, session: Session, reason: EndReason) -> bool:
+        """Remove a session that passed a limit and zero its keys; False if it was not live."""
+        live = self._sessions.get(session.id) is session
+        if live:
             del self._sessions[session.id]
         session.close(reason)
+        return live
 
     def sweep(self) -> int:
         """Expire every session past a limit; returns how many."""

@@ -1,0 +1,695 @@
+"""OpenTelemetry instrumentation for the SAGE agent core.
+
+Usage::
+
+    from sage_otel.instrumentation import SageInstrumentor
+
+    SageInstrumentor().instrument(tracer_provider=..., meter_provider=...)
+
+or, without code changes, ``opentelemetry-instrument sage-otel demo --no-telemetry`` (the
+``sage`` entry point in the ``opentelemetry_instrumentor`` group).
+
+What it patches: signing and verification, session encrypt/decrypt/create/close/expire, DID
+resolution and registration, the three handshake stages, message validation and the nonce
+check, and the HTTP client and server agents (spans, and W3C trace context propagation
+between agents). Every metric of the catalog is recorded at those code paths; spans are
+named ``sage.*`` and carry no key material, plaintext, nonce or session secret.
+
+Options for ``instrument()``:
+
+* ``tracer_provider`` / ``meter_provider``: default to the global ones;
+* ``meters``: bound-instrument factory (:mod:`sage_otel.telemetry.meters`); by default the
+  fast store when ``sage_otel.configure`` owns the meter provider, otherwise the plain API;
+* ``crypto_detail``: ``"events"`` (default: span events on the current span), ``"spans"``
+  (a child span per crypto operation) or ``"none"``;
+* ``span_hook``: ``hook(span, operation)`` called on each span this library starts; its
+  exceptions are logged and swallowed.
+
+Suppression (``suppress_instrumentation()``) is honoured: nothing is recorded inside it.
+Telemetry never breaks a SAGE call: any error inside the instrumentation is logged once and
+the SAGE operation continues untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from time import perf_counter
+from typing import Any
+from urllib.parse import urlsplit
+
+import wrapt
+from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled, unwrap
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from . import __version__
+from .agent import did, handshake, identity, message, session, transport
+from .agent.errors import CryptoError, SageError, category_of
+from .agent.identity import CHAIN_ALIASES, DID
+from .telemetry.catalog import ALGORITHMS, CHAINS, HANDSHAKE_ERROR_TYPES
+from .telemetry.meters import ApiMeters, Meters
+
+_logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+SpanHook = Callable[[trace.Span, str], None]
+
+
+def _log_once(where: str) -> None:
+    if where not in _logged:
+        _logged.add(where)
+        _logger.exception("sage-otel: telemetry error in %s (logged once; SAGE continues)", where)
+
+
+def error_type(exc: BaseException) -> str:
+    """A bounded identifier: the typed SAGE error code, or the exception class name."""
+    return exc.code if isinstance(exc, SageError) else type(exc).__qualname__
+
+
+def _chain_of(value: object) -> str:
+    if isinstance(value, DID):
+        return value.chain.value
+    if isinstance(value, str):
+        parts = value.split(":", 3)
+        if len(parts) == 4:
+            chain = CHAIN_ALIASES.get(parts[2].lower())
+            if chain is not None:
+                return chain.value
+    return "other"
+
+
+class _Kit:
+    """What every patch shares: tracer, bound meters, options."""
+
+    def __init__(
+        self, tracer: trace.Tracer, meters: Meters, crypto_detail: str, hook: SpanHook | None
+    ):
+        self.tracer = tracer
+        self.meters = meters
+        self.crypto_detail = crypto_detail
+        self.hook = hook
+
+    def start(
+        self, name: str, kind: SpanKind = SpanKind.INTERNAL, attributes: dict | None = None, **kw
+    ):
+        span_cm = self.tracer.start_as_current_span(name, kind=kind, attributes=attributes, **kw)
+        return _HookedSpan(span_cm, self.hook, name)
+
+
+class _HookedSpan:
+    __slots__ = ("_cm", "_hook", "_name")
+
+    def __init__(self, cm, hook: SpanHook | None, name: str) -> None:
+        self._cm, self._hook, self._name = cm, hook, name
+
+    def __enter__(self) -> trace.Span:
+        span = self._cm.__enter__()
+        if self._hook is not None and span.is_recording():
+            try:
+                self._hook(span, self._name)
+            except Exception:
+                _log_once("span_hook")
+        return span
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._cm.__exit__(*exc)
+
+
+def _fail(span: trace.Span, exc: BaseException) -> None:
+    if span.is_recording():
+        kind = error_type(exc)
+        span.set_attribute("error.type", kind)
+        span.set_status(Status(StatusCode.ERROR, kind))
+
+
+def _start_kwargs() -> dict[str, bool]:
+    # Failures are recorded as error.type and status only: exception messages and
+    # stack traces are never exported.
+    return {"record_exception": False, "set_status_on_exception": False}
+
+
+# --- crypto -------------------------------------------------------------------------------
+
+
+def _crypto_recorder(kit: _Kit, operation: str):
+    ops = {
+        alg: kit.meters.counter("crypto_operations", operation=operation, algorithm=alg)
+        for alg in ALGORITHMS
+    }
+    duration = kit.meters.histogram("crypto_operation_duration", operation=operation)
+    errors = kit.meters.counter("crypto_errors", operation=operation)
+    event = f"sage.crypto.{operation}"
+
+    def record(algorithm: str, elapsed: float, failed: bool) -> None:
+        ops[algorithm].add(1)
+        duration.record(elapsed)
+        if failed:
+            errors.add(1)
+        if kit.crypto_detail == "events":
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.add_event(
+                    event, {"sage.crypto.algorithm": algorithm, "sage.crypto.ok": not failed}
+                )
+
+    return record
+
+
+def _traced_crypto(kit: _Kit, operation: str, call: Callable[[], Any], algorithm: str):
+    if kit.crypto_detail != "spans":
+        return call()
+    with kit.start(
+        f"sage.crypto.{operation}",
+        attributes={"sage.crypto.algorithm": algorithm},
+        **_start_kwargs(),
+    ) as span:
+        try:
+            return call()
+        except Exception as exc:
+            _fail(span, exc)
+            raise
+
+
+def _wrap_sign(kit: _Kit):
+    record = _crypto_recorder(kit, "sign")
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        algorithm = instance.key_type.value
+        start = perf_counter()
+        try:
+            result = _traced_crypto(kit, "sign", lambda: wrapped(*args, **kwargs), algorithm)
+        except Exception:
+            _safely(record, algorithm, perf_counter() - start, True)
+            raise
+        _safely(record, algorithm, perf_counter() - start, False)
+        return result
+
+    return wrapper
+
+
+def _wrap_verify(kit: _Kit):
+    record = _crypto_recorder(kit, "verify")
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        key_type = args[0] if args else kwargs.get("key_type")
+        algorithm = getattr(key_type, "value", "other")
+        start = perf_counter()
+        try:
+            result = _traced_crypto(kit, "verify", lambda: wrapped(*args, **kwargs), algorithm)
+        except Exception:
+            _safely(record, algorithm, perf_counter() - start, True)
+            raise
+        _safely(record, algorithm, perf_counter() - start, False)
+        return result
+
+    return wrapper
+
+
+def _safely(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        _log_once(getattr(fn, "__qualname__", "recorder"))
+
+
+# --- sessions -----------------------------------------------------------------------------
+
+
+def _wrap_cipher(kit: _Kit, operation: str):
+    """Session.encrypt / Session.decrypt: one timing feeds the session and crypto histograms."""
+    direction = "outbound" if operation == "encrypt" else "inbound"
+    session_duration = kit.meters.histogram("session_duration", operation=operation)
+    size = kit.meters.histogram("session_message_size", direction=direction)
+    crypto = _crypto_recorder(kit, operation)
+
+    def ok(elapsed: float, plaintext_size: int) -> None:
+        session_duration.record(elapsed)
+        size.record(plaintext_size)
+        crypto("chacha20", elapsed, False)
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        start = perf_counter()
+        try:
+            result = _traced_crypto(kit, operation, lambda: wrapped(*args, **kwargs), "chacha20")
+        except CryptoError:
+            _safely(crypto, "chacha20", perf_counter() - start, True)
+            raise
+        elapsed = perf_counter() - start
+        _safely(ok, elapsed, len(args[0]) if operation == "encrypt" else len(result))
+        return result
+
+    return wrapper
+
+
+def _wrap_session_create(kit: _Kit):
+    duration = kit.meters.histogram("session_duration", operation="create")
+    created = {s: kit.meters.counter("sessions_created", status=s) for s in ("success", "failure")}
+    active = kit.meters.counter("sessions_active")
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        role = getattr(args[1] if len(args) > 1 else kwargs.get("role"), "value", "")
+        with kit.start(
+            "sage.session.create", attributes={"sage.session.role": role}, **_start_kwargs()
+        ) as span:
+            start = perf_counter()
+            try:
+                result = wrapped(*args, **kwargs)
+            except Exception as exc:
+                _safely(
+                    lambda: (duration.record(perf_counter() - start), created["failure"].add(1))
+                )
+                _fail(span, exc)
+                raise
+            _safely(
+                lambda: (
+                    duration.record(perf_counter() - start),
+                    created["success"].add(1),
+                    active.add(1),
+                )
+            )
+            if span.is_recording():
+                span.set_attribute("sage.session.id", result.id)
+            return result
+
+    return wrapper
+
+
+def _wrap_session_end(kit: _Kit, how: str):
+    """SessionManager.close / expire: counted only when a live session really ended."""
+    ended = kit.meters.counter("sessions_closed" if how == "close" else "sessions_expired")
+    active = kit.meters.counter("sessions_active")
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        result = wrapped(*args, **kwargs)
+        if result:
+            _safely(lambda: (ended.add(1), active.add(-1)))
+            try:
+                if how == "expire":
+                    target, reason = args[0], getattr(args[1], "value", "")
+                    attributes = {"sage.session.id": target.id, "sage.session.end_reason": reason}
+                else:
+                    attributes = {
+                        "sage.session.id": args[0] if args else kwargs.get("session_id", "")
+                    }
+                with kit.start(f"sage.session.{how}", attributes=attributes):
+                    pass
+            except Exception:
+                _log_once(f"session.{how}")
+        return result
+
+    return wrapper
+
+
+# --- DIDs ---------------------------------------------------------------------------------
+
+
+def _wrap_resolve(kit: _Kit):
+    results = {
+        (c, s): kit.meters.counter("did_resolutions", chain=c, status=s)
+        for c in (*CHAINS, "other")
+        for s in ("success", "failure")
+    }
+    durations = {
+        c: kit.meters.histogram("did_resolution_duration", chain=c) for c in (*CHAINS, "other")
+    }
+
+    async def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        target = args[0] if args else kwargs.get("did")
+        chain = _chain_of(target)
+        with kit.start(
+            "sage.did.resolve",
+            attributes={"sage.did.chain": chain, "sage.did": str(target)[:200]},
+            **_start_kwargs(),
+        ) as span:
+            start = perf_counter()
+            try:
+                result = await wrapped(*args, **kwargs)
+            except Exception as exc:
+                _safely(
+                    lambda: (
+                        results[chain, "failure"].add(1),
+                        durations[chain].record(perf_counter() - start),
+                    )
+                )
+                _fail(span, exc)
+                raise
+            _safely(
+                lambda: (
+                    results[chain, "success"].add(1),
+                    durations[chain].record(perf_counter() - start),
+                )
+            )
+            return result
+
+    return wrapper
+
+
+def _wrap_register(kit: _Kit):
+    results = {
+        (c, s): kit.meters.counter("did_registrations", chain=c, status=s)
+        for c in (*CHAINS, "other")
+        for s in ("success", "failure")
+    }
+
+    async def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        document = args[0] if args else kwargs.get("document")
+        chain = _chain_of(getattr(document, "did", None))
+        with kit.start(
+            "sage.did.register",
+            attributes={"sage.did.chain": chain, "sage.did": str(getattr(document, "did", ""))},
+            **_start_kwargs(),
+        ) as span:
+            try:
+                result = await wrapped(*args, **kwargs)
+            except Exception as exc:
+                _safely(results[chain, "failure"].add, 1)
+                _fail(span, exc)
+                raise
+            _safely(results[chain, "success"].add, 1)
+            return result
+
+    return wrapper
+
+
+# --- handshake ----------------------------------------------------------------------------
+
+
+def _outcome_recorder(kit: _Kit):
+    completed = {
+        s: kit.meters.counter("handshakes_completed", status=s) for s in ("success", "failure")
+    }
+    failed = {
+        t: kit.meters.counter("handshakes_failed", error_type=t)
+        for t in (*HANDSHAKE_ERROR_TYPES, "other")
+    }
+
+    def record(exc: BaseException | None) -> None:
+        if exc is None:
+            completed["success"].add(1)
+            return
+        completed["failure"].add(1)
+        category = category_of(exc).value
+        failed[category if category in failed else "other"].add(1)
+
+    return record
+
+
+def _wrap_stage(kit: _Kit, stage: str, role: str | None):
+    """Initiator.init / Initiator.finalize: a child span and the stage histogram."""
+    duration = kit.meters.histogram("handshake_duration", stage=stage)
+    initiated = kit.meters.counter("handshakes_initiated", role=role) if role else None
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        if initiated is not None:
+            _safely(initiated.add, 1)
+        with kit.start(f"sage.handshake.{stage}", **_start_kwargs()) as span:
+            start = perf_counter()
+            try:
+                return wrapped(*args, **kwargs)
+            except Exception as exc:
+                _fail(span, exc)
+                raise
+            finally:
+                _safely(duration.record, perf_counter() - start)
+
+    return wrapper
+
+
+def _wrap_process(kit: _Kit):
+    """Responder.process: the server's stage, and the server side's handshake outcome."""
+    duration = kit.meters.histogram("handshake_duration", stage="process")
+    initiated = kit.meters.counter("handshakes_initiated", role="server")
+    outcome = _outcome_recorder(kit)
+
+    def finish(elapsed: float, exc: BaseException | None) -> None:
+        duration.record(elapsed)
+        outcome(exc)
+
+    async def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        _safely(initiated.add, 1)
+        with kit.start("sage.handshake.process", **_start_kwargs()) as span:
+            start = perf_counter()
+            try:
+                result = await wrapped(*args, **kwargs)
+            except Exception as exc:
+                _safely(finish, perf_counter() - start, exc)
+                _fail(span, exc)
+                raise
+            _safely(finish, perf_counter() - start, None)
+            if span.is_recording():
+                span.set_attribute("sage.session.id", result[1].id)
+            return result
+
+    return wrapper
+
+
+def _server_attributes(base_url: str) -> dict[str, Any]:
+    parts = urlsplit(base_url)
+    return {"server.address": parts.hostname or "", "server.port": parts.port or 80}
+
+
+def _wrap_connect(kit: _Kit):
+    """ClientAgent.connect: the client's handshake span and the client side's outcome."""
+    outcome = _outcome_recorder(kit)
+
+    async def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        base_url = args[0] if args else kwargs.get("base_url", "")
+        peer = args[1] if len(args) > 1 else kwargs.get("peer_did", "")
+        attributes = {
+            "sage.handshake.role": "client",
+            "sage.peer.did": str(peer),
+            **_server_attributes(base_url),
+        }
+        with kit.start("sage.handshake", SpanKind.CLIENT, attributes, **_start_kwargs()) as span:
+            try:
+                result = await wrapped(*args, **kwargs)
+            except Exception as exc:
+                _safely(outcome, exc)
+                _fail(span, exc)
+                raise
+            _safely(outcome, None)
+            if span.is_recording():
+                span.set_attribute("sage.session.id", result.session.id)
+            return result
+
+    return wrapper
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+def _wrap_open(kit: _Kit):
+    """MessageValidator.open: the processing span and the message metrics."""
+    processed = {
+        (t, s): kit.meters.counter("messages_processed", type=t, status=s)
+        for t in ("text", "binary")
+        for s in ("success", "failure")
+    }
+    duration = kit.meters.histogram("message_processing_duration")
+    size = kit.meters.histogram("message_size")
+
+    def done(kind: str, status: str, elapsed: float, wire_size: int) -> None:
+        processed[kind, status].add(1)
+        duration.record(elapsed)
+        size.record(wire_size)
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        msg = args[1] if len(args) > 1 else kwargs["message"]
+        kind = msg.type.value
+        with kit.start("sage.message.process", **_start_kwargs()) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "sage.session.id": msg.session_id,
+                        "sage.message.type": kind,
+                        "sage.message.seq": msg.seq,
+                    }
+                )
+            start = perf_counter()
+            try:
+                result = wrapped(*args, **kwargs)
+            except Exception as exc:
+                _safely(done, kind, "failure", perf_counter() - start, len(msg.ciphertext))
+                _fail(span, exc)
+                raise
+            _safely(done, kind, "success", perf_counter() - start, len(msg.ciphertext))
+            return result
+
+    return wrapper
+
+
+def _wrap_nonce_check(kit: _Kit):
+    statuses = {
+        s: kit.meters.counter("nonce_validations", status=s)
+        for s in ("valid", "invalid", "expired")
+    }
+    replays = kit.meters.counter("replay_attacks_detected")
+
+    def record(status: str) -> None:
+        statuses[status].add(1)
+        if status == "invalid":
+            replays.add(1)
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.add_event("sage.replay_detected")
+
+    def wrapper(wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        if is_instrumentation_enabled():
+            _safely(record, result.value)
+        return result
+
+    return wrapper
+
+
+def _wrap_send(kit: _Kit):
+    async def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        conn, data = args[0], args[1]
+        attributes = {
+            "sage.session.id": conn.session.id,
+            "sage.message.type": "text" if isinstance(data, str) else "binary",
+            **_server_attributes(conn.base_url),
+        }
+        with kit.start("sage.message.send", SpanKind.CLIENT, attributes, **_start_kwargs()) as span:
+            try:
+                return await wrapped(*args, **kwargs)
+            except Exception as exc:
+                _fail(span, exc)
+                raise
+
+    return wrapper
+
+
+def _wrap_post(kit: _Kit):
+    """ClientAgent.post: W3C trace context into the request headers."""
+
+    async def wrapper(wrapped, instance, args, kwargs):
+        if is_instrumentation_enabled():
+            try:
+                headers = dict(kwargs.get("headers") or {})
+                propagate.inject(headers)
+                kwargs["headers"] = headers
+            except Exception:
+                _log_once("propagation.inject")
+        return await wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+_SERVER_SPANS = {
+    handshake.TASK: "sage.handshake",
+    transport.MESSAGE_TASK: "sage.message.receive",
+    transport.CLOSE_TASK: "sage.session.close_request",
+}
+
+
+def _wrap_dispatch(kit: _Kit):
+    """ServerAgent.dispatch: the server span, continuing the caller's trace."""
+
+    async def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        envelope = args[0] if args else kwargs["envelope"]
+        try:
+            parent = propagate.extract(envelope.headers)
+        except Exception:
+            _log_once("propagation.extract")
+            parent = None
+        name = _SERVER_SPANS.get(envelope.task_id, "sage.receive")
+        attributes = {"sage.task": name if name == "sage.receive" else envelope.task_id}
+        if envelope.task_id == handshake.TASK:
+            attributes["sage.handshake.role"] = "server"
+        elif envelope.context_id:
+            attributes["sage.session.id"] = envelope.context_id[:64]
+        with kit.start(
+            name, SpanKind.SERVER, attributes, context=parent, **_start_kwargs()
+        ) as span:
+            try:
+                return await wrapped(*args, **kwargs)
+            except Exception as exc:
+                _fail(span, exc)
+                raise
+
+    return wrapper
+
+
+# --- the instrumentor ---------------------------------------------------------------------
+
+_PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
+    (identity.SigningKey, "sign", _wrap_sign),
+    (identity, "verify_signature", _wrap_verify),
+    (session.Session, "encrypt", lambda kit: _wrap_cipher(kit, "encrypt")),
+    (session.Session, "decrypt", lambda kit: _wrap_cipher(kit, "decrypt")),
+    (session.SessionManager, "create", _wrap_session_create),
+    (session.SessionManager, "close", lambda kit: _wrap_session_end(kit, "close")),
+    (session.SessionManager, "expire", lambda kit: _wrap_session_end(kit, "expire")),
+    (did.DIDResolver, "resolve", _wrap_resolve),
+    (did.Registry, "register", _wrap_register),
+    (handshake.Initiator, "init", lambda kit: _wrap_stage(kit, "init", "client")),
+    (handshake.Initiator, "finalize", lambda kit: _wrap_stage(kit, "finalize", None)),
+    (handshake.Responder, "process", _wrap_process),
+    (message.MessageValidator, "open", _wrap_open),
+    (message.NonceCache, "check", _wrap_nonce_check),
+    (transport.ClientAgent, "connect", _wrap_connect),
+    (transport.ClientAgent, "send", _wrap_send),
+    (transport.ClientAgent, "post", _wrap_post),
+    (transport.ServerAgent, "dispatch", _wrap_dispatch),
+)
+
+CRYPTO_DETAILS = ("events", "spans", "none")
+
+
+class SageInstrumentor(BaseInstrumentor):
+    """Instruments the SAGE agent core; see the module docstring for options."""
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        return ()
+
+    def _instrument(self, **kwargs: Any) -> None:
+        tracer = trace.get_tracer(
+            __name__, __version__, tracer_provider=kwargs.get("tracer_provider")
+        )
+        meters = kwargs.get("meters")
+        if meters is None:
+            from .telemetry.setup import meters_for
+
+            meters = meters_for(kwargs.get("meter_provider"))
+        crypto_detail = kwargs.get("crypto_detail", "events")
+        if crypto_detail not in CRYPTO_DETAILS:
+            raise ValueError(f"crypto_detail must be one of {CRYPTO_DETAILS}")
+        kit = _Kit(tracer, meters, crypto_detail, kwargs.get("span_hook"))
+        for owner, name, factory in _PATCHES:
+            wrapt.wrap_function_wrapper(owner, name, factory(kit))
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        for owner, name, _factory in _PATCHES:
+            unwrap(owner, name)
+
+
+__all__ = ["ApiMeters", "SageInstrumentor", "error_type"]

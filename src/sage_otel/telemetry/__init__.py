@@ -1,0 +1,1 @@
+"""sage-otel telemetry: the metric catalog, fast aggregation, SDK setup and exposition."""

@@ -1,0 +1,206 @@
+"""Lock-cheap aggregation for the SAGE hot path, handed to OpenTelemetry readers as ordinary data.
+
+Recording through the OTel SDK costs several microseconds per call here, as much as sealing
+a message. So sage-otel aggregates its own instruments in plain cells (one small lock each,
+no attribute hashing: a cell *is* a label combination, bound once at instrumentation time)
+and, whenever an SDK ``MetricReader`` collects, adds the cells to the reader's data as one
+more ``ScopeMetrics`` — cumulative sums and explicit-bucket histograms with exemplars. The
+PrometheusMetricReader, the OTLP exporter and any other reader see ordinary OTel metric data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Iterable
+
+from opentelemetry.sdk.metrics import Exemplar
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import get_current_span
+
+from .. import __version__
+from .catalog import INSTRUMENTS, Instrument, Kind
+
+_logger = logging.getLogger(__name__)
+SCOPE = InstrumentationScope("sage_otel", __version__)
+_CUMULATIVE = AggregationTemporality.CUMULATIVE
+
+
+def _sampled_span() -> tuple[int, int] | None:
+    context = get_current_span().get_span_context()
+    if context.trace_flags & 1:
+        return context.trace_id, context.span_id
+    return None
+
+
+class CounterCell:
+    """One series of a counter or up-down counter."""
+
+    __slots__ = ("_lock", "_store", "exemplar", "value")
+
+    def __init__(self, store: MetricStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self.value = 0
+        self.exemplar: tuple[float, int, int, int] | None = None
+
+    def add(self, amount: int = 1) -> None:
+        with self._lock:
+            self.value += amount
+        if self._store.exemplars and amount > 0:
+            span = _sampled_span()
+            if span is not None:
+                self.exemplar = (amount, time.time_ns(), *span)
+
+
+class HistogramCell:
+    """One series of an explicit-bucket histogram; the latest sampled exemplar per bucket."""
+
+    __slots__ = ("_lock", "_store", "bounds", "count", "counts", "exemplars", "max", "min", "sum")
+
+    def __init__(self, store: MetricStore, bounds: tuple[float, ...]) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.exemplars: list[tuple[float, int, int, int] | None] = [None] * (len(bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+
+    def record(self, value: float) -> None:
+        index = bisect_left(self.bounds, value)  # buckets are upper-inclusive, as in OTel
+        with self._lock:
+            self.counts[index] += 1
+            self.count += 1
+            self.sum += value
+            if value < self.min:
+                self.min = value
+            if value > self.max:
+                self.max = value
+        if self._store.exemplars:
+            span = _sampled_span()
+            if span is not None:
+                self.exemplars[index] = (value, time.time_ns(), *span)
+
+
+def _exemplar(raw: tuple[float, int, int, int]) -> Exemplar:
+    value, when, trace_id, span_id = raw
+    return Exemplar({}, value, when, span_id, trace_id)
+
+
+class MetricStore:
+    """All SAGE series, pre-created for every enumerated label combination."""
+
+    def __init__(self, instruments: Iterable[Instrument] = INSTRUMENTS) -> None:
+        self.instruments = tuple(instruments)
+        self.start_time = time.time_ns()
+        self.exemplars = False
+        self._cells: dict[str, dict[tuple[str, ...], CounterCell | HistogramCell]] = {}
+        self._create_lock = threading.Lock()
+        for instrument in self.instruments:
+            self._cells[instrument.key] = {}
+            for labels in instrument.label_sets():
+                self.cell(instrument, instrument.normalize(labels))
+
+    def cell(self, instrument: Instrument, values: tuple[str, ...]) -> CounterCell | HistogramCell:
+        """The cell for normalized label values, created on first use (``other`` combinations)."""
+        cells = self._cells[instrument.key]
+        found = cells.get(values)
+        if found is None:
+            with self._create_lock:
+                found = cells.get(values)
+                if found is None:
+                    if instrument.kind is Kind.HISTOGRAM:
+                        found = HistogramCell(self, instrument.buckets)
+                    else:
+                        found = CounterCell(self)
+                    cells[values] = found
+        return found
+
+    def metrics(self) -> list[Metric]:
+        now = time.time_ns()
+        out = []
+        for instrument in self.instruments:
+            keys = instrument.label_keys
+            cells = list(self._cells[instrument.key].items())
+            if instrument.kind is Kind.HISTOGRAM:
+                points = [self._histogram_point(dict(zip(keys, v)), c, now) for v, c in cells]
+                data = Histogram(points, _CUMULATIVE)
+            else:
+                points = [
+                    NumberDataPoint(
+                        dict(zip(keys, values)),
+                        self.start_time,
+                        now,
+                        cell.value,
+                        [_exemplar(cell.exemplar)] if cell.exemplar else [],
+                    )
+                    for values, cell in cells
+                ]
+                data = Sum(points, _CUMULATIVE, instrument.kind is Kind.COUNTER)
+            out.append(Metric(instrument.name, instrument.description, instrument.unit, data))
+        return out
+
+    def _histogram_point(self, attributes: dict[str, str], cell: HistogramCell, now: int):
+        with cell._lock:
+            counts, count, total = list(cell.counts), cell.count, cell.sum
+            low, high = (cell.min, cell.max) if count else (0.0, 0.0)
+        return HistogramDataPoint(
+            attributes,
+            self.start_time,
+            now,
+            count,
+            total,
+            counts,
+            cell.bounds,
+            low,
+            high,
+            [_exemplar(e) for e in cell.exemplars if e is not None],
+        )
+
+    def scope_metrics(self) -> ScopeMetrics:
+        return ScopeMetrics(SCOPE, self.metrics(), "")
+
+    def attach(self, reader: MetricReader, resource: Resource) -> None:
+        """Add this store's data to everything ``reader`` collects.
+
+        The reader must already be registered with a MeterProvider; the provider's own
+        instruments are still collected and the store's scope is appended to them.
+        """
+        sdk_collect = reader._collect  # set by MeterProvider registration
+
+        def collect(the_reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData:
+            data = sdk_collect(the_reader, timeout_millis=timeout_millis) if sdk_collect else None
+            try:
+                ours = self.scope_metrics()
+            except Exception:  # telemetry must never take the reader down
+                _logger.exception("sage-otel: collecting SAGE metrics failed")
+                return data
+            return _merge(data, ours, resource)
+
+        reader._set_collect_callback(collect)
+
+
+def _merge(data: MetricsData | None, scope: ScopeMetrics, resource: Resource) -> MetricsData:
+    if data is None or not data.resource_metrics:
+        return MetricsData([ResourceMetrics(resource, [scope], "")])
+    first, *rest = data.resource_metrics
+    merged = ResourceMetrics(first.resource, [*first.scope_metrics, scope], first.schema_url)
+    return MetricsData([merged, *rest])
