@@ -115,6 +115,8 @@ def verify_signature(key_type: KeyType, public_key: bytes, data: bytes, signatur
         if len(signature) != 64:
             raise SignatureError("secp256k1 signature must be 64 bytes (r||s)")
         r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        if s > _SECP256K1_N // 2:  # malleable high-s form, refused like go-ethereum does
+            raise SignatureError("secp256k1 signature not in low-s form")
         point = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), public_key)
         point.verify(
             encode_dss_signature(r, s), keccak256(data), ec.ECDSA(Prehashed(hashes.SHA256()))
@@ -192,7 +194,7 @@ class AgentIdentity:
 
     @classmethod
     def generate(cls, chain: Chain | str) -> AgentIdentity:
-        chain = CHAIN_ALIASES[chain] if isinstance(chain, str) else chain
+        chain = CHAIN_ALIASES[chain.lower()] if isinstance(chain, str) else chain
         key = SigningKey.generate(CHAIN_KEY_TYPE[chain])
         did = did_for_key(chain, key.key_type, key.public_bytes())
         return cls(did, key, KemKeyPair.generate(), new_kid())

@@ -113,7 +113,8 @@ class SecureMessage:
 
 def signature_params(message: SecureMessage) -> str:
     covered = (
-        '"@method" "@path" "x-sage-context-id" "content-digest" "sage-seq" "sage-nonce" "sage-type"'
+        '"@method" "@path" "x-sage-context-id" "content-digest" "sage-seq" "sage-nonce" '
+        '"sage-type" "sage-timestamp"'
     )
     return f'sig1=({covered});created={message.timestamp_ns // 1_000_000_000};alg="hmac-sha256"'
 
@@ -128,6 +129,7 @@ def signature_base(message: SecureMessage, method: str, path: str) -> bytes:
         f'"sage-seq": {message.seq}\n'
         f'"sage-nonce": {b64url(message.nonce)}\n'
         f'"sage-type": {message.type.value}\n'
+        f'"sage-timestamp": {message.timestamp_ns}\n'
         f'"@signature-params": {signature_params(message)[5:]}'
     ).encode()
 

@@ -123,7 +123,9 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
-    def expired_reason(self, now: float | None = None) -> EndReason | None:
+    def expired_reason(
+        self, now: float | None = None, *, count_messages: bool = True
+    ) -> EndReason | None:
         """Which limit, if any, this session has passed."""
         if self._closed:
             return self.end_reason or EndReason.CLOSED
@@ -132,12 +134,14 @@ class Session:
             return EndReason.MAX_AGE
         if now - self.last_used >= self.limits.idle_timeout:
             return EndReason.IDLE
-        if self.message_count >= self.limits.max_messages:
+        if count_messages and self.message_count >= self.limits.max_messages:
             return EndReason.MAX_MESSAGES
         return None
 
-    def _use(self) -> None:
-        reason = self.expired_reason()
+    def _use(self, *, inbound: bool) -> None:
+        # The message limit is enforced on inbound messages only, so a request accepted
+        # as the last one can still be answered (both directions count towards it).
+        reason = self.expired_reason(count_messages=inbound)
         if reason is not None:
             raise SessionExpiredError(f"session ended: {reason.value}")
         self.message_count += 1
@@ -145,7 +149,7 @@ class Session:
 
     def encrypt(self, plaintext: bytes, aad: bytes = b"") -> bytes:
         """Seal with a fresh random nonce; the wire form is nonce || ciphertext."""
-        self._use()
+        self._use(inbound=False)
         nonce = os.urandom(AEAD_NONCE_SIZE)
         return nonce + self._send_aead.encrypt(nonce, plaintext, aad)  # type: ignore[union-attr]
 
@@ -177,7 +181,7 @@ class Session:
 
     def note_received(self) -> None:
         """Count an accepted inbound message against the limits."""
-        self._use()
+        self._use(inbound=True)
 
     def close(self, reason: EndReason = EndReason.CLOSED) -> None:
         """Zero the key material and refuse any further use."""

@@ -225,7 +225,9 @@ class ServerAgent:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Bind (raising OSError if the port is taken), serve in the background, return the port."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets whose
+        # protocol is TCP, and without it every answer waits out a delayed ACK (~40 ms).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

@@ -1,0 +1,348 @@
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sage_otel.agent.did import (
+    DIDDocument,
+    DIDResolver,
+    InMemoryRegistry,
+    JsonFileRegistry,
+    sign_registration,
+)
+from sage_otel.agent.encoding import b64url
+from sage_otel.agent.errors import (
+    InactiveAgentError,
+    InvalidMessageError,
+    RegistrationError,
+    SignatureError,
+    UnknownDIDError,
+)
+from sage_otel.agent.identity import DID, AgentIdentity, Chain, KeyType
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+class CountingRegistry(InMemoryRegistry):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookups = 0
+
+    async def lookup(self, did: DID) -> DIDDocument | None:
+        self.lookups += 1
+        return await super().lookup(did)
+
+
+def document(identity: AgentIdentity, **extra: object) -> DIDDocument:
+    return DIDDocument.for_identity(identity, **extra)
+
+
+async def register(registry, identity: AgentIdentity, **extra: object) -> DIDDocument:
+    doc = document(identity, **extra)
+    await registry.register(doc, sign_registration(identity, doc))
+    return doc
+
+
+async def deactivate(registry, identity: AgentIdentity) -> None:
+    doc = dataclasses.replace(document(identity), active=False)
+    await registry.deactivate(doc, sign_registration(identity, doc))
+
+
+@pytest.mark.parametrize("chain", [Chain.ETHEREUM, Chain.SOLANA])
+def test_document_json_round_trip(chain: Chain) -> None:
+    identity = AgentIdentity.generate(chain)
+    doc = document(
+        identity,
+        name="agent",
+        endpoint="http://127.0.0.1:1",
+        capabilities=("chat", "files"),
+        active=False,
+    )
+    data = doc.to_json()
+    assert data["did"] == str(identity.did)
+    assert data["keyType"] == identity.signing_key.key_type.value
+    assert data["capabilities"] == ["chat", "files"] and data["active"] is False
+    assert DIDDocument.from_json(json.loads(json.dumps(data))) == doc
+
+
+def test_document_defaults_when_optional_fields_missing() -> None:
+    identity = AgentIdentity.generate(Chain.SOLANA)
+    data = document(identity).to_json()
+    for key in ("name", "endpoint", "capabilities", "active"):
+        del data[key]
+    doc = DIDDocument.from_json(data)
+    assert doc.active is True and doc.capabilities == () and doc.name == ""
+
+
+def test_canonical_bytes_are_sorted_compact_json() -> None:
+    doc = document(AgentIdentity.generate(Chain.SOLANA), name="x")
+    raw = doc.canonical_bytes()
+    assert json.loads(raw) == doc.to_json()
+    assert raw == json.dumps(doc.to_json(), sort_keys=True, separators=(",", ":")).encode()
+    assert doc.canonical_bytes() != dataclasses.replace(doc, name="y").canonical_bytes()
+
+
+def _valid_json() -> dict[str, object]:
+    return document(AgentIdentity.generate(Chain.ETHEREUM), name="n").to_json()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.pop("did"),
+        lambda d: d.pop("keyType"),
+        lambda d: d.pop("publicKey"),
+        lambda d: d.pop("kemPublicKey"),
+        lambda d: d.update(did="did:web:example.com"),
+        lambda d: d.update(did=17),
+        lambda d: d.update(keyType="rsa"),
+        lambda d: d.update(keyType=["ed25519"]),
+        lambda d: d.update(publicKey="not base64!"),
+        lambda d: d.update(publicKey=None),
+        lambda d: d.update(kemPublicKey=b64url(bytes(31))),
+        lambda d: d.update(capabilities="chat"),
+        lambda d: d.update(capabilities=["chat", 1]),
+        lambda d: d.update(name=5),
+        lambda d: d.update(endpoint=None),
+        lambda d: d.update(active="yes"),
+        lambda d: d.update(active=1),
+    ],
+)
+def test_document_from_json_rejects(mutate) -> None:
+    data = _valid_json()
+    mutate(data)
+    with pytest.raises(InvalidMessageError):
+        DIDDocument.from_json(data)
+
+
+@pytest.mark.parametrize("value", [None, [], "doc", 3, 1.5, True])
+def test_document_from_json_rejects_non_objects(value: object) -> None:
+    with pytest.raises(InvalidMessageError) as info:
+        DIDDocument.from_json(value)
+    assert info.value.code == "bad_document"
+
+
+_VALID_FIELDS = _valid_json()
+DOC_LIKE = st.fixed_dictionaries(
+    {},
+    optional={
+        key: st.one_of(st.just(value), JSON, st.text(max_size=50))
+        for key, value in _VALID_FIELDS.items()
+    },
+)
+
+
+@settings(max_examples=300)
+@given(JSON | DOC_LIKE)
+def test_document_from_json_on_arbitrary_json(value: object) -> None:
+    try:
+        doc = DIDDocument.from_json(value)
+    except InvalidMessageError:
+        return
+    assert isinstance(doc, DIDDocument)
+    assert DIDDocument.from_json(doc.to_json()) == doc
+
+
+@pytest.mark.parametrize("chain", [Chain.ETHEREUM, Chain.SOLANA])
+async def test_register_and_lookup(chain: Chain) -> None:
+    registry = InMemoryRegistry()
+    identity = AgentIdentity.generate(chain)
+    doc = await register(registry, identity, endpoint="http://a")
+    assert await registry.lookup(identity.did) == doc
+    assert await registry.lookup(AgentIdentity.generate(chain).did) is None
+
+
+async def test_registration_with_someone_elses_key_is_rejected() -> None:
+    registry = InMemoryRegistry()
+    victim, attacker = AgentIdentity.generate(Chain.SOLANA), AgentIdentity.generate(Chain.SOLANA)
+    # The victim's DID with the attacker's own keys: the DID is not derived from that key.
+    forged = DIDDocument(
+        victim.did,
+        KeyType.ED25519,
+        attacker.signing_key.public_bytes(),
+        attacker.kem.public,
+        endpoint="http://evil",
+    )
+    with pytest.raises(RegistrationError) as info:
+        await registry.register(forged, attacker.signing_key.sign(forged.canonical_bytes()))
+    assert info.value.code == "did_key_mismatch"
+    # The victim's DID and public key, but signed by the attacker.
+    copied = DIDDocument(
+        victim.did,
+        KeyType.ED25519,
+        victim.signing_key.public_bytes(),
+        attacker.kem.public,
+        endpoint="http://evil",
+    )
+    with pytest.raises(SignatureError):
+        await registry.register(copied, attacker.signing_key.sign(copied.canonical_bytes()))
+    assert await registry.lookup(victim.did) is None
+
+
+@pytest.mark.parametrize("chain", [Chain.ETHEREUM, Chain.SOLANA])
+async def test_registered_document_cannot_be_hijacked_or_tampered(chain: Chain) -> None:
+    registry = InMemoryRegistry()
+    victim, attacker = AgentIdentity.generate(chain), AgentIdentity.generate(chain)
+    original = await register(registry, victim, endpoint="http://good")
+    hijack = dataclasses.replace(original, endpoint="http://evil")
+    with pytest.raises(SignatureError):
+        await registry.register(hijack, attacker.signing_key.sign(hijack.canonical_bytes()))
+    # A genuine signature over the original does not cover a changed document.
+    with pytest.raises(SignatureError):
+        await registry.register(hijack, sign_registration(victim, original))
+    assert await registry.lookup(victim.did) == original
+    # The owner can update their own document.
+    updated = await register(registry, victim, endpoint="http://new")
+    assert await registry.lookup(victim.did) == updated
+
+
+async def test_deactivation_rules() -> None:
+    registry = InMemoryRegistry()
+    identity, other = AgentIdentity.generate(Chain.SOLANA), AgentIdentity.generate(Chain.SOLANA)
+    doc = await register(registry, identity)
+    with pytest.raises(RegistrationError):
+        await registry.deactivate(doc, sign_registration(identity, doc))
+    inactive = dataclasses.replace(doc, active=False)
+    with pytest.raises(SignatureError):
+        await registry.deactivate(inactive, sign_registration(other, inactive))
+    assert (await registry.lookup(identity.did)).active is True
+    await registry.deactivate(inactive, sign_registration(identity, inactive))
+    assert (await registry.lookup(identity.did)).active is False
+
+
+async def test_json_file_registry_persists_across_instances(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "registry.json"
+    first = JsonFileRegistry(path)
+    eth = await register(
+        first, AgentIdentity.generate(Chain.ETHEREUM), name="e", capabilities=("a",)
+    )
+    sol = await register(first, AgentIdentity.generate(Chain.SOLANA), endpoint="http://s")
+    assert path.exists()
+    second = JsonFileRegistry(path)
+    assert await second.lookup(eth.did) == eth
+    assert await second.lookup(sol.did) == sol
+    stored = json.loads(path.read_text())
+    assert sorted(d["did"] for d in stored["documents"]) == sorted([str(eth.did), str(sol.did)])
+
+
+async def test_json_file_registry_loads_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    path.write_text("")
+    registry = JsonFileRegistry(path)
+    assert await registry.lookup(AgentIdentity.generate(Chain.SOLANA).did) is None
+
+
+async def test_json_file_registry_refuses_forged_registration(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    registry = JsonFileRegistry(path)
+    victim, attacker = (
+        AgentIdentity.generate(Chain.ETHEREUM),
+        AgentIdentity.generate(Chain.ETHEREUM),
+    )
+    forged = document(victim)
+    with pytest.raises(SignatureError):
+        await registry.register(forged, sign_registration(attacker, forged))
+    assert not path.exists()
+
+
+async def test_json_file_registry_survives_concurrent_registrations(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    registry = JsonFileRegistry(path)
+    identities = [AgentIdentity.generate(c) for c in [Chain.ETHEREUM, Chain.SOLANA] * 15]
+    docs = await asyncio.gather(
+        *(register(registry, i, name=f"a{n}") for n, i in enumerate(identities))
+    )
+    reloaded = JsonFileRegistry(path)
+    for doc in docs:
+        assert await reloaded.lookup(doc.did) == doc
+    assert len(json.loads(path.read_text())["documents"]) == len(identities)
+    assert [p.name for p in tmp_path.iterdir()] == ["registry.json"]
+
+
+async def test_resolver_caches_within_ttl(clock) -> None:
+    registry = CountingRegistry()
+    identity = AgentIdentity.generate(Chain.SOLANA)
+    doc = await register(registry, identity)
+    resolver = DIDResolver(registry, ttl=60.0, clock=clock)
+    assert await resolver.resolve(identity.did) == doc
+    assert registry.lookups == 1
+    clock.advance(59.9)
+    assert await resolver.resolve(str(identity.did)) == doc
+    assert registry.lookups == 1
+    clock.advance(0.1)
+    assert await resolver.resolve(identity.did) == doc
+    assert registry.lookups == 2
+    resolver.invalidate(identity.did)
+    await resolver.resolve(identity.did)
+    assert registry.lookups == 3
+    resolver.invalidate()
+    await resolver.resolve(identity.did)
+    assert registry.lookups == 4
+
+
+async def test_resolver_accepts_aliases_and_rejects_garbage(clock) -> None:
+    registry = CountingRegistry()
+    identity = AgentIdentity.generate(Chain.SOLANA)
+    doc = await register(registry, identity)
+    resolver = DIDResolver(registry, clock=clock)
+    alias = f"did:sage:sol:{identity.did.identifier}"
+    assert await resolver.resolve(alias) == doc
+    with pytest.raises(InvalidMessageError):
+        await resolver.resolve("did:example:123")
+    assert registry.lookups == 1
+
+
+async def test_resolver_unknown_did_is_refused_and_not_cached(clock) -> None:
+    registry = CountingRegistry()
+    identity = AgentIdentity.generate(Chain.ETHEREUM)
+    resolver = DIDResolver(registry, clock=clock)
+    for _ in range(2):
+        with pytest.raises(UnknownDIDError) as info:
+            await resolver.resolve(identity.did)
+        assert info.value.code == "unknown_did" and info.value.http_status == 403
+    assert registry.lookups == 2
+    doc = await register(registry, identity)
+    assert await resolver.resolve(identity.did) == doc
+
+
+@pytest.mark.parametrize("refresh", ["invalidate_one", "invalidate_all", "ttl"])
+async def test_resolver_refuses_deactivated_agent_once_cache_refreshes(clock, refresh: str) -> None:
+    registry = CountingRegistry()
+    identity = AgentIdentity.generate(Chain.SOLANA)
+    await register(registry, identity)
+    resolver = DIDResolver(registry, ttl=30.0, clock=clock)
+    await resolver.resolve(identity.did)
+    await deactivate(registry, identity)
+    if refresh == "invalidate_one":
+        resolver.invalidate(identity.did)
+    elif refresh == "invalidate_all":
+        resolver.invalidate()
+    else:
+        clock.advance(30.0)
+    for _ in range(2):
+        with pytest.raises(InactiveAgentError) as info:
+            await resolver.resolve(identity.did)
+        assert info.value.code == "inactive_agent"
+        assert isinstance(info.value, UnknownDIDError)
+    # A refusal is never cached as an acceptance: each attempt asks the registry.
+    assert registry.lookups == 3
+
+
+async def test_resolver_refuses_document_registered_inactive(clock) -> None:
+    registry = InMemoryRegistry()
+    identity = AgentIdentity.generate(Chain.ETHEREUM)
+    await register(registry, identity, active=False)
+    with pytest.raises(InactiveAgentError):
+        await DIDResolver(registry, clock=clock).resolve(identity.did)
