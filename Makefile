@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/sage-otel demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests $(wildcard examples benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard examples benchmarks)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
