@@ -222,7 +222,7 @@ class Demo:
                     await agent.send(conn, payload)
                     self.stats.messages_ok += 1
             except PeerError as error:
-                if error.code == "session_expired":
+                if error.code in ("session_expired", "unknown_session"):  # ended by a limit
                     self.stats.sessions_expired += 1
                     agent.sessions.close(conn.session.id)
                     return
