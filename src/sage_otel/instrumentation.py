@@ -32,6 +32,7 @@ the SAGE operation continues untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Collection
 from time import perf_counter
@@ -90,12 +91,28 @@ class _Kit:
         self.meters = meters
         self.crypto_detail = crypto_detail
         self.hook = hook
+        # With tracing off, no span is started at all: not even a non-recording one.
+        self.tracing = not isinstance(tracer, trace.NoOpTracer)
 
     def start(
         self, name: str, kind: SpanKind = SpanKind.INTERNAL, attributes: dict | None = None, **kw
     ):
+        if not self.tracing:
+            return _NO_SPAN
         span_cm = self.tracer.start_as_current_span(name, kind=kind, attributes=attributes, **kw)
         return _HookedSpan(span_cm, self.hook, name)
+
+    def current_span(self) -> trace.Span:
+        return trace.get_current_span() if self.tracing else trace.INVALID_SPAN
+
+
+_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+
+
+def _exemplar(span: trace.Span) -> tuple[int, int] | None:
+    """(trace_id, span_id) when ``span`` is sampled: exemplars link only to stored traces."""
+    context = span.get_span_context()
+    return (context.trace_id, context.span_id) if context.trace_flags & 1 else None
 
 
 class _HookedSpan:
@@ -141,24 +158,24 @@ def _crypto_recorder(kit: _Kit, operation: str):
     duration = kit.meters.histogram("crypto_operation_duration", operation=operation)
     errors = kit.meters.counter("crypto_errors", operation=operation)
     event = f"sage.crypto.{operation}"
+    events = kit.crypto_detail == "events"
 
-    def record(algorithm: str, elapsed: float, failed: bool) -> None:
-        ops[algorithm].add(1)
-        duration.record(elapsed)
+    def record(algorithm: str, elapsed: float, failed: bool, span: trace.Span) -> None:
+        exemplar = _exemplar(span)
+        ops[algorithm].add(1, exemplar)
+        duration.record(elapsed, exemplar)
         if failed:
-            errors.add(1)
-        if kit.crypto_detail == "events":
-            span = trace.get_current_span()
-            if span.is_recording():
-                span.add_event(
-                    event, {"sage.crypto.algorithm": algorithm, "sage.crypto.ok": not failed}
-                )
+            errors.add(1, exemplar)
+        if events and span.is_recording():
+            span.add_event(
+                event, {"sage.crypto.algorithm": algorithm, "sage.crypto.ok": not failed}
+            )
 
     return record
 
 
 def _traced_crypto(kit: _Kit, operation: str, call: Callable[[], Any], algorithm: str):
-    if kit.crypto_detail != "spans":
+    if kit.crypto_detail != "spans" or not kit.tracing:
         return call()
     with kit.start(
         f"sage.crypto.{operation}",
@@ -183,9 +200,9 @@ def _wrap_sign(kit: _Kit):
         try:
             result = _traced_crypto(kit, "sign", lambda: wrapped(*args, **kwargs), algorithm)
         except Exception:
-            _safely(record, algorithm, perf_counter() - start, True)
+            _safely(record, algorithm, perf_counter() - start, True, kit.current_span())
             raise
-        _safely(record, algorithm, perf_counter() - start, False)
+        _safely(record, algorithm, perf_counter() - start, False, kit.current_span())
         return result
 
     return wrapper
@@ -203,9 +220,9 @@ def _wrap_verify(kit: _Kit):
         try:
             result = _traced_crypto(kit, "verify", lambda: wrapped(*args, **kwargs), algorithm)
         except Exception:
-            _safely(record, algorithm, perf_counter() - start, True)
+            _safely(record, algorithm, perf_counter() - start, True, kit.current_span())
             raise
-        _safely(record, algorithm, perf_counter() - start, False)
+        _safely(record, algorithm, perf_counter() - start, False, kit.current_span())
         return result
 
     return wrapper
@@ -228,10 +245,11 @@ def _wrap_cipher(kit: _Kit, operation: str):
     size = kit.meters.histogram("session_message_size", direction=direction)
     crypto = _crypto_recorder(kit, operation)
 
-    def ok(elapsed: float, plaintext_size: int) -> None:
-        session_duration.record(elapsed)
-        size.record(plaintext_size)
-        crypto("chacha20", elapsed, False)
+    def ok(elapsed: float, plaintext_size: int, span: trace.Span) -> None:
+        exemplar = _exemplar(span)
+        session_duration.record(elapsed, exemplar)
+        size.record(plaintext_size, exemplar)
+        crypto("chacha20", elapsed, False, span)
 
     def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
@@ -240,10 +258,11 @@ def _wrap_cipher(kit: _Kit, operation: str):
         try:
             result = _traced_crypto(kit, operation, lambda: wrapped(*args, **kwargs), "chacha20")
         except CryptoError:
-            _safely(crypto, "chacha20", perf_counter() - start, True)
+            _safely(crypto, "chacha20", perf_counter() - start, True, kit.current_span())
             raise
         elapsed = perf_counter() - start
-        _safely(ok, elapsed, len(args[0]) if operation == "encrypt" else len(result))
+        plaintext_size = len(args[0]) if operation == "encrypt" else len(result)
+        _safely(ok, elapsed, plaintext_size, kit.current_span())
         return result
 
     return wrapper
@@ -254,29 +273,27 @@ def _wrap_session_create(kit: _Kit):
     created = {s: kit.meters.counter("sessions_created", status=s) for s in ("success", "failure")}
     active = kit.meters.counter("sessions_active")
 
+    def record(elapsed: float, ok: bool, span: trace.Span) -> None:
+        exemplar = _exemplar(span)
+        duration.record(elapsed, exemplar)
+        created["success" if ok else "failure"].add(1, exemplar)
+        if ok:
+            active.add(1)
+
     def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
         role = getattr(args[1] if len(args) > 1 else kwargs.get("role"), "value", "")
-        with kit.start(
-            "sage.session.create", attributes={"sage.session.role": role}, **_start_kwargs()
-        ) as span:
+        attributes = {"sage.session.role": role}
+        with kit.start("sage.session.create", attributes=attributes, **_start_kwargs()) as span:
             start = perf_counter()
             try:
                 result = wrapped(*args, **kwargs)
             except Exception as exc:
-                _safely(
-                    lambda: (duration.record(perf_counter() - start), created["failure"].add(1))
-                )
+                _safely(record, perf_counter() - start, False, span)
                 _fail(span, exc)
                 raise
-            _safely(
-                lambda: (
-                    duration.record(perf_counter() - start),
-                    created["success"].add(1),
-                    active.add(1),
-                )
-            )
+            _safely(record, perf_counter() - start, True, span)
             if span.is_recording():
                 span.set_attribute("sage.session.id", result.id)
             return result
@@ -289,24 +306,19 @@ def _wrap_session_end(kit: _Kit, how: str):
     ended = kit.meters.counter("sessions_closed" if how == "close" else "sessions_expired")
     active = kit.meters.counter("sessions_active")
 
+    def record(args: tuple, kwargs: dict) -> None:
+        if how == "expire":
+            attributes = {"sage.session.id": args[0].id, "sage.session.end_reason": args[1].value}
+        else:
+            attributes = {"sage.session.id": args[0] if args else kwargs["session_id"]}
+        with kit.start(f"sage.session.{how}", attributes=attributes) as span:
+            ended.add(1, _exemplar(span))
+            active.add(-1)
+
     def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
-            return wrapped(*args, **kwargs)
         result = wrapped(*args, **kwargs)
-        if result:
-            _safely(lambda: (ended.add(1), active.add(-1)))
-            try:
-                if how == "expire":
-                    target, reason = args[0], getattr(args[1], "value", "")
-                    attributes = {"sage.session.id": target.id, "sage.session.end_reason": reason}
-                else:
-                    attributes = {
-                        "sage.session.id": args[0] if args else kwargs.get("session_id", "")
-                    }
-                with kit.start(f"sage.session.{how}", attributes=attributes):
-                    pass
-            except Exception:
-                _log_once(f"session.{how}")
+        if result and is_instrumentation_enabled():
+            _safely(record, args, kwargs)
         return result
 
     return wrapper
@@ -315,73 +327,62 @@ def _wrap_session_end(kit: _Kit, how: str):
 # --- DIDs ---------------------------------------------------------------------------------
 
 
+def _by_chain_and_status(kit: _Kit, key: str) -> dict[tuple[str, str], Any]:
+    chains, statuses = (*CHAINS, "other"), ("success", "failure")
+    return {(c, s): kit.meters.counter(key, chain=c, status=s) for c in chains for s in statuses}
+
+
 def _wrap_resolve(kit: _Kit):
-    results = {
-        (c, s): kit.meters.counter("did_resolutions", chain=c, status=s)
-        for c in (*CHAINS, "other")
-        for s in ("success", "failure")
-    }
+    results = _by_chain_and_status(kit, "did_resolutions")
     durations = {
         c: kit.meters.histogram("did_resolution_duration", chain=c) for c in (*CHAINS, "other")
     }
+
+    def record(chain: str, ok: bool, elapsed: float, span: trace.Span) -> None:
+        exemplar = _exemplar(span)
+        results[chain, "success" if ok else "failure"].add(1, exemplar)
+        durations[chain].record(elapsed, exemplar)
 
     async def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
         target = args[0] if args else kwargs.get("did")
         chain = _chain_of(target)
-        with kit.start(
-            "sage.did.resolve",
-            attributes={"sage.did.chain": chain, "sage.did": str(target)[:200]},
-            **_start_kwargs(),
-        ) as span:
+        attributes = {"sage.did.chain": chain, "sage.did": str(target)[:200]}
+        with kit.start("sage.did.resolve", attributes=attributes, **_start_kwargs()) as span:
             start = perf_counter()
             try:
                 result = await wrapped(*args, **kwargs)
             except Exception as exc:
-                _safely(
-                    lambda: (
-                        results[chain, "failure"].add(1),
-                        durations[chain].record(perf_counter() - start),
-                    )
-                )
+                _safely(record, chain, False, perf_counter() - start, span)
                 _fail(span, exc)
                 raise
-            _safely(
-                lambda: (
-                    results[chain, "success"].add(1),
-                    durations[chain].record(perf_counter() - start),
-                )
-            )
+            _safely(record, chain, True, perf_counter() - start, span)
             return result
 
     return wrapper
 
 
 def _wrap_register(kit: _Kit):
-    results = {
-        (c, s): kit.meters.counter("did_registrations", chain=c, status=s)
-        for c in (*CHAINS, "other")
-        for s in ("success", "failure")
-    }
+    results = _by_chain_and_status(kit, "did_registrations")
+
+    def record(chain: str, ok: bool, span: trace.Span) -> None:
+        results[chain, "success" if ok else "failure"].add(1, _exemplar(span))
 
     async def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
-        document = args[0] if args else kwargs.get("document")
-        chain = _chain_of(getattr(document, "did", None))
-        with kit.start(
-            "sage.did.register",
-            attributes={"sage.did.chain": chain, "sage.did": str(getattr(document, "did", ""))},
-            **_start_kwargs(),
-        ) as span:
+        did_value = getattr(args[0] if args else kwargs.get("document"), "did", None)
+        chain = _chain_of(did_value)
+        attributes = {"sage.did.chain": chain, "sage.did": str(did_value)}
+        with kit.start("sage.did.register", attributes=attributes, **_start_kwargs()) as span:
             try:
                 result = await wrapped(*args, **kwargs)
             except Exception as exc:
-                _safely(results[chain, "failure"].add, 1)
+                _safely(record, chain, False, span)
                 _fail(span, exc)
                 raise
-            _safely(results[chain, "success"].add, 1)
+            _safely(record, chain, True, span)
             return result
 
     return wrapper
@@ -391,6 +392,7 @@ def _wrap_register(kit: _Kit):
 
 
 def _outcome_recorder(kit: _Kit):
+    """handshakes_completed{status} and handshakes_failed{error_type} for one side."""
     completed = {
         s: kit.meters.counter("handshakes_completed", status=s) for s in ("success", "failure")
     }
@@ -399,13 +401,14 @@ def _outcome_recorder(kit: _Kit):
         for t in (*HANDSHAKE_ERROR_TYPES, "other")
     }
 
-    def record(exc: BaseException | None) -> None:
+    def record(exc: BaseException | None, span: trace.Span) -> None:
+        exemplar = _exemplar(span)
         if exc is None:
-            completed["success"].add(1)
+            completed["success"].add(1, exemplar)
             return
-        completed["failure"].add(1)
+        completed["failure"].add(1, exemplar)
         category = category_of(exc).value
-        failed[category if category in failed else "other"].add(1)
+        failed[category if category in failed else "other"].add(1, exemplar)
 
     return record
 
@@ -415,11 +418,15 @@ def _wrap_stage(kit: _Kit, stage: str, role: str | None):
     duration = kit.meters.histogram("handshake_duration", stage=stage)
     initiated = kit.meters.counter("handshakes_initiated", role=role) if role else None
 
+    def record(elapsed: float, span: trace.Span) -> None:
+        exemplar = _exemplar(span)
+        duration.record(elapsed, exemplar)
+        if initiated is not None:
+            initiated.add(1, exemplar)
+
     def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        if initiated is not None:
-            _safely(initiated.add, 1)
         with kit.start(f"sage.handshake.{stage}", **_start_kwargs()) as span:
             start = perf_counter()
             try:
@@ -428,7 +435,7 @@ def _wrap_stage(kit: _Kit, stage: str, role: str | None):
                 _fail(span, exc)
                 raise
             finally:
-                _safely(duration.record, perf_counter() - start)
+                _safely(record, perf_counter() - start, span)
 
     return wrapper
 
@@ -439,23 +446,24 @@ def _wrap_process(kit: _Kit):
     initiated = kit.meters.counter("handshakes_initiated", role="server")
     outcome = _outcome_recorder(kit)
 
-    def finish(elapsed: float, exc: BaseException | None) -> None:
-        duration.record(elapsed)
-        outcome(exc)
+    def record(elapsed: float, exc: BaseException | None, span: trace.Span) -> None:
+        exemplar = _exemplar(span)
+        initiated.add(1, exemplar)
+        duration.record(elapsed, exemplar)
+        outcome(exc, span)
 
     async def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
-        _safely(initiated.add, 1)
         with kit.start("sage.handshake.process", **_start_kwargs()) as span:
             start = perf_counter()
             try:
                 result = await wrapped(*args, **kwargs)
             except Exception as exc:
-                _safely(finish, perf_counter() - start, exc)
+                _safely(record, perf_counter() - start, exc, span)
                 _fail(span, exc)
                 raise
-            _safely(finish, perf_counter() - start, None)
+            _safely(record, perf_counter() - start, None, span)
             if span.is_recording():
                 span.set_attribute("sage.session.id", result[1].id)
             return result
@@ -486,10 +494,10 @@ def _wrap_connect(kit: _Kit):
             try:
                 result = await wrapped(*args, **kwargs)
             except Exception as exc:
-                _safely(outcome, exc)
+                _safely(outcome, exc, span)
                 _fail(span, exc)
                 raise
-            _safely(outcome, None)
+            _safely(outcome, None, span)
             if span.is_recording():
                 span.set_attribute("sage.session.id", result.session.id)
             return result
@@ -510,10 +518,11 @@ def _wrap_open(kit: _Kit):
     duration = kit.meters.histogram("message_processing_duration")
     size = kit.meters.histogram("message_size")
 
-    def done(kind: str, status: str, elapsed: float, wire_size: int) -> None:
-        processed[kind, status].add(1)
-        duration.record(elapsed)
-        size.record(wire_size)
+    def record(kind: str, status: str, elapsed: float, wire_size: int, span: trace.Span) -> None:
+        exemplar = _exemplar(span)
+        processed[kind, status].add(1, exemplar)
+        duration.record(elapsed, exemplar)
+        size.record(wire_size, exemplar)
 
     def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
@@ -533,10 +542,10 @@ def _wrap_open(kit: _Kit):
             try:
                 result = wrapped(*args, **kwargs)
             except Exception as exc:
-                _safely(done, kind, "failure", perf_counter() - start, len(msg.ciphertext))
+                _safely(record, kind, "failure", perf_counter() - start, len(msg.ciphertext), span)
                 _fail(span, exc)
                 raise
-            _safely(done, kind, "success", perf_counter() - start, len(msg.ciphertext))
+            _safely(record, kind, "success", perf_counter() - start, len(msg.ciphertext), span)
             return result
 
     return wrapper
@@ -550,12 +559,15 @@ def _wrap_nonce_check(kit: _Kit):
     replays = kit.meters.counter("replay_attacks_detected")
 
     def record(status: str) -> None:
-        statuses[status].add(1)
-        if status == "invalid":
-            replays.add(1)
-            span = trace.get_current_span()
-            if span.is_recording():
-                span.add_event("sage.replay_detected")
+        if status != "invalid":
+            statuses[status].add(1)
+            return
+        span = kit.current_span()
+        exemplar = _exemplar(span)
+        statuses[status].add(1, exemplar)
+        replays.add(1, exemplar)
+        if span.is_recording():
+            span.add_event("sage.replay_detected")
 
     def wrapper(wrapped, instance, args, kwargs):
         result = wrapped(*args, **kwargs)

@@ -22,13 +22,15 @@ from .. import __version__
 from .catalog import BY_KEY, INSTRUMENTS, Kind
 from .store import MetricStore
 
+Exemplar = tuple[int, int]  # (trace_id, span_id) of the sampled span a value belongs to
+
 
 class CounterHandle(Protocol):
-    def add(self, amount: int = 1) -> None: ...
+    def add(self, amount: int = 1, exemplar: Exemplar | None = None) -> None: ...
 
 
 class HistogramHandle(Protocol):
-    def record(self, value: float) -> None: ...
+    def record(self, value: float, exemplar: Exemplar | None = None) -> None: ...
 
 
 class Meters(Protocol):
@@ -61,7 +63,8 @@ class _ApiCounter:
         self._add = instrument.add
         self._attributes = attributes
 
-    def add(self, amount: int = 1) -> None:
+    def add(self, amount: int = 1, exemplar: Exemplar | None = None) -> None:
+        # The SDK takes exemplars from the current context itself.
         self._add(amount, self._attributes)
 
 
@@ -72,7 +75,7 @@ class _ApiHistogram:
         self._record = instrument.record
         self._attributes = attributes
 
-    def record(self, value: float) -> None:
+    def record(self, value: float, exemplar: Exemplar | None = None) -> None:
         self._record(value, self._attributes)
 
 

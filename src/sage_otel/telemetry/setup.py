@@ -151,6 +151,7 @@ def configure(
     metrics_port: int | None = None,
     serve_metrics: bool = True,
     otlp: bool | None = None,
+    traces: bool = True,
     sampler: Sampler | None = None,
     span_processors: list[SpanProcessor] | None = None,
     metric_readers: list[MetricReader] | None = None,
@@ -161,7 +162,8 @@ def configure(
     """Set up traces and metrics for this process; calling it again returns the same setup.
 
     ``otlp=None`` exports over OTLP exactly when an OTLP endpoint is configured in the
-    environment. ``metrics_port=0`` picks a free port (see ``Telemetry.metrics_address``).
+    environment. ``traces=False`` records metrics only: no span is ever started.
+    ``metrics_port=0`` picks a free port (see ``Telemetry.metrics_address``).
     Raises ``OSError`` when the metrics port cannot be bound.
     """
     global _current
@@ -209,7 +211,8 @@ def configure(
             resource, tracer_provider, meter_provider, store, registry, address, server
         )
         if set_global:
-            trace.set_tracer_provider(tracer_provider)
+            if traces:
+                trace.set_tracer_provider(tracer_provider)
             metrics.set_meter_provider(meter_provider)
         _current = telemetry
         if instrument:
@@ -218,7 +221,7 @@ def configure(
             instrumentor = SageInstrumentor()
             if not instrumentor.is_instrumented_by_opentelemetry:
                 instrumentor.instrument(
-                    tracer_provider=tracer_provider,
+                    tracer_provider=tracer_provider if traces else trace.NoOpTracerProvider(),
                     meters=telemetry.meters,
                     crypto_detail=crypto_detail,
                 )

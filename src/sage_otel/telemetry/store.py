@@ -2,7 +2,8 @@
 
 Recording through the OTel SDK costs several microseconds per call here, as much as sealing
 a message. So sage-otel aggregates its own instruments in plain cells (one small lock each,
-no attribute hashing: a cell *is* a label combination, bound once at instrumentation time)
+no attribute hashing: a cell *is* a label combination, bound once at instrumentation time;
+exemplars are passed in by the caller, who already knows the span)
 and, whenever an SDK ``MetricReader`` collects, adds the cells to the reader's data as one
 more ``ScopeMetrics`` — cumulative sums and explicit-bucket histograms with exemplars. The
 PrometheusMetricReader, the OTLP exporter and any other reader see ordinary OTel metric data.
@@ -31,7 +32,6 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import get_current_span
 
 from .. import __version__
 from .catalog import INSTRUMENTS, Instrument, Kind
@@ -41,40 +41,29 @@ SCOPE = InstrumentationScope("sage_otel", __version__)
 _CUMULATIVE = AggregationTemporality.CUMULATIVE
 
 
-def _sampled_span() -> tuple[int, int] | None:
-    context = get_current_span().get_span_context()
-    if context.trace_flags & 1:
-        return context.trace_id, context.span_id
-    return None
-
-
 class CounterCell:
     """One series of a counter or up-down counter."""
 
-    __slots__ = ("_lock", "_store", "exemplar", "value")
+    __slots__ = ("_lock", "exemplar", "value")
 
-    def __init__(self, store: MetricStore) -> None:
-        self._store = store
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.value = 0
         self.exemplar: tuple[float, int, int, int] | None = None
 
-    def add(self, amount: int = 1) -> None:
+    def add(self, amount: int = 1, exemplar: tuple[int, int] | None = None) -> None:
         with self._lock:
             self.value += amount
-        if self._store.exemplars and amount > 0:
-            span = _sampled_span()
-            if span is not None:
-                self.exemplar = (amount, time.time_ns(), *span)
+        if exemplar is not None and amount > 0:
+            self.exemplar = (amount, time.time_ns(), *exemplar)
 
 
 class HistogramCell:
     """One series of an explicit-bucket histogram; the latest sampled exemplar per bucket."""
 
-    __slots__ = ("_lock", "_store", "bounds", "count", "counts", "exemplars", "max", "min", "sum")
+    __slots__ = ("_lock", "bounds", "count", "counts", "exemplars", "max", "min", "sum")
 
-    def __init__(self, store: MetricStore, bounds: tuple[float, ...]) -> None:
-        self._store = store
+    def __init__(self, bounds: tuple[float, ...]) -> None:
         self._lock = threading.Lock()
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
@@ -84,7 +73,7 @@ class HistogramCell:
         self.min = float("inf")
         self.max = float("-inf")
 
-    def record(self, value: float) -> None:
+    def record(self, value: float, exemplar: tuple[int, int] | None = None) -> None:
         index = bisect_left(self.bounds, value)  # buckets are upper-inclusive, as in OTel
         with self._lock:
             self.counts[index] += 1
@@ -94,10 +83,8 @@ class HistogramCell:
                 self.min = value
             if value > self.max:
                 self.max = value
-        if self._store.exemplars:
-            span = _sampled_span()
-            if span is not None:
-                self.exemplars[index] = (value, time.time_ns(), *span)
+        if exemplar is not None:
+            self.exemplars[index] = (value, time.time_ns(), *exemplar)
 
 
 def _exemplar(raw: tuple[float, int, int, int]) -> Exemplar:
@@ -111,7 +98,6 @@ class MetricStore:
     def __init__(self, instruments: Iterable[Instrument] = INSTRUMENTS) -> None:
         self.instruments = tuple(instruments)
         self.start_time = time.time_ns()
-        self.exemplars = False
         self._cells: dict[str, dict[tuple[str, ...], CounterCell | HistogramCell]] = {}
         self._create_lock = threading.Lock()
         for instrument in self.instruments:
@@ -128,9 +114,9 @@ class MetricStore:
                 found = cells.get(values)
                 if found is None:
                     if instrument.kind is Kind.HISTOGRAM:
-                        found = HistogramCell(self, instrument.buckets)
+                        found = HistogramCell(instrument.buckets)
                     else:
-                        found = CounterCell(self)
+                        found = CounterCell()
                     cells[values] = found
         return found
 
