@@ -40,14 +40,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import wrapt
-from opentelemetry import propagate, trace
+from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled, unwrap
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import __version__
 from .agent import did, handshake, identity, message, session, transport
-from .agent.errors import CryptoError, SageError, category_of
+from .agent.errors import CryptoError, SageError, SignatureError, category_of
 from .agent.identity import CHAIN_ALIASES, DID
 from .telemetry.catalog import ALGORITHMS, CHAINS, HANDSHAKE_ERROR_TYPES
 from .telemetry.meters import ApiMeters, Meters
@@ -93,17 +93,55 @@ class _Kit:
         self.hook = hook
         # With tracing off, no span is started at all: not even a non-recording one.
         self.tracing = not isinstance(tracer, trace.NoOpTracer)
+        self.crypto_spans = self.tracing and crypto_detail == "spans"
 
     def start(
-        self, name: str, kind: SpanKind = SpanKind.INTERNAL, attributes: dict | None = None, **kw
-    ):
+        self,
+        name: str,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: dict | None = None,
+        parent: context.Context | None = None,
+    ) -> _SpanScope | contextlib.nullcontext:
+        """Start a span and make it current until the ``with`` block ends.
+
+        Failures are recorded as ``error.type`` and status only (see ``_fail``): exception
+        messages and stack traces are never exported.
+        """
         if not self.tracing:
             return _NO_SPAN
-        span_cm = self.tracer.start_as_current_span(name, kind=kind, attributes=attributes, **kw)
-        return _HookedSpan(span_cm, self.hook, name)
+        span = self.tracer.start_span(
+            name,
+            parent,
+            kind,
+            attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        if self.hook is not None and span.is_recording():
+            try:
+                self.hook(span, name)
+            except Exception:
+                _log_once("span_hook")
+        return _SpanScope(span, context.attach(trace.set_span_in_context(span)))
 
     def current_span(self) -> trace.Span:
         return trace.get_current_span() if self.tracing else trace.INVALID_SPAN
+
+
+class _SpanScope:
+    """Cheaper than ``start_as_current_span``: this sits on every message's path."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: trace.Span, token: object) -> None:
+        self.span, self.token = span, token
+
+    def __enter__(self) -> trace.Span:
+        return self.span
+
+    def __exit__(self, *exc: object) -> None:
+        context.detach(self.token)
+        self.span.end()
 
 
 _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
@@ -111,27 +149,10 @@ _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
 
 def _exemplar(span: trace.Span) -> tuple[int, int] | None:
     """(trace_id, span_id) when ``span`` is sampled: exemplars link only to stored traces."""
-    context = span.get_span_context()
-    return (context.trace_id, context.span_id) if context.trace_flags & 1 else None
-
-
-class _HookedSpan:
-    __slots__ = ("_cm", "_hook", "_name")
-
-    def __init__(self, cm, hook: SpanHook | None, name: str) -> None:
-        self._cm, self._hook, self._name = cm, hook, name
-
-    def __enter__(self) -> trace.Span:
-        span = self._cm.__enter__()
-        if self._hook is not None and span.is_recording():
-            try:
-                self._hook(span, self._name)
-            except Exception:
-                _log_once("span_hook")
-        return span
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self._cm.__exit__(*exc)
+    span_context = span.get_span_context()
+    if span_context.trace_flags & 1:
+        return span_context.trace_id, span_context.span_id
+    return None
 
 
 def _fail(span: trace.Span, exc: BaseException) -> None:
@@ -139,12 +160,6 @@ def _fail(span: trace.Span, exc: BaseException) -> None:
         kind = error_type(exc)
         span.set_attribute("error.type", kind)
         span.set_status(Status(StatusCode.ERROR, kind))
-
-
-def _start_kwargs() -> dict[str, bool]:
-    # Failures are recorded as error.type and status only: exception messages and
-    # stack traces are never exported.
-    return {"record_exception": False, "set_status_on_exception": False}
 
 
 # --- crypto -------------------------------------------------------------------------------
@@ -167,65 +182,71 @@ def _crypto_recorder(kit: _Kit, operation: str):
         if failed:
             errors.add(1, exemplar)
         if events and span.is_recording():
-            span.add_event(
-                event, {"sage.crypto.algorithm": algorithm, "sage.crypto.ok": not failed}
-            )
+            if algorithm == "chacha20" and not failed:
+                span.add_event(event)  # per message: kept attribute-free, half the cost
+            else:
+                span.add_event(
+                    event, {"sage.crypto.algorithm": algorithm, "sage.crypto.ok": not failed}
+                )
 
     return record
 
 
-def _traced_crypto(kit: _Kit, operation: str, call: Callable[[], Any], algorithm: str):
-    if kit.crypto_detail != "spans" or not kit.tracing:
-        return call()
-    with kit.start(
-        f"sage.crypto.{operation}",
-        attributes={"sage.crypto.algorithm": algorithm},
-        **_start_kwargs(),
-    ) as span:
+def _wrap_crypto(kit: _Kit, operation: str, algorithm_of: Callable[..., str], on_success=None):
+    """One crypto operation: counted, timed and (optionally) a span or event.
+
+    Only cryptographic failures (bad signature, failed authentication) count as crypto
+    errors; a call refused for another reason (e.g. a closed session) did no crypto.
+    """
+    record = _crypto_recorder(kit, operation)
+    span_name = f"sage.crypto.{operation}"
+
+    def observed(wrapped, args, kwargs, algorithm: str):
+        start = perf_counter()
         try:
-            return call()
-        except Exception as exc:
-            _fail(span, exc)
+            result = wrapped(*args, **kwargs)
+        except (CryptoError, SignatureError):
+            try:
+                record(algorithm, perf_counter() - start, True, kit.current_span())
+            except Exception:
+                _log_once(span_name)
             raise
+        elapsed = perf_counter() - start
+        try:
+            span = kit.current_span()
+            record(algorithm, elapsed, False, span)
+            if on_success is not None:
+                on_success(elapsed, args, result, _exemplar(span))
+        except Exception:
+            _log_once(span_name)
+        return result
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return wrapped(*args, **kwargs)
+        algorithm = algorithm_of(instance, args, kwargs)
+        if not kit.crypto_spans:
+            return observed(wrapped, args, kwargs, algorithm)
+        with kit.start(span_name, attributes={"sage.crypto.algorithm": algorithm}) as span:
+            try:
+                return observed(wrapped, args, kwargs, algorithm)
+            except Exception as exc:
+                _fail(span, exc)
+                raise
+
+    return wrapper
 
 
 def _wrap_sign(kit: _Kit):
-    record = _crypto_recorder(kit, "sign")
-
-    def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
-            return wrapped(*args, **kwargs)
-        algorithm = instance.key_type.value
-        start = perf_counter()
-        try:
-            result = _traced_crypto(kit, "sign", lambda: wrapped(*args, **kwargs), algorithm)
-        except Exception:
-            _safely(record, algorithm, perf_counter() - start, True, kit.current_span())
-            raise
-        _safely(record, algorithm, perf_counter() - start, False, kit.current_span())
-        return result
-
-    return wrapper
+    return _wrap_crypto(kit, "sign", lambda instance, args, kwargs: instance.key_type.value)
 
 
 def _wrap_verify(kit: _Kit):
-    record = _crypto_recorder(kit, "verify")
-
-    def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
-            return wrapped(*args, **kwargs)
+    def algorithm_of(instance, args, kwargs) -> str:
         key_type = args[0] if args else kwargs.get("key_type")
-        algorithm = getattr(key_type, "value", "other")
-        start = perf_counter()
-        try:
-            result = _traced_crypto(kit, "verify", lambda: wrapped(*args, **kwargs), algorithm)
-        except Exception:
-            _safely(record, algorithm, perf_counter() - start, True, kit.current_span())
-            raise
-        _safely(record, algorithm, perf_counter() - start, False, kit.current_span())
-        return result
+        return getattr(key_type, "value", "other")
 
-    return wrapper
+    return _wrap_crypto(kit, "verify", algorithm_of)
 
 
 def _safely(fn: Callable[..., None], *args: Any) -> None:
@@ -240,32 +261,17 @@ def _safely(fn: Callable[..., None], *args: Any) -> None:
 
 def _wrap_cipher(kit: _Kit, operation: str):
     """Session.encrypt / Session.decrypt: one timing feeds the session and crypto histograms."""
-    direction = "outbound" if operation == "encrypt" else "inbound"
+    encrypt = operation == "encrypt"
     session_duration = kit.meters.histogram("session_duration", operation=operation)
-    size = kit.meters.histogram("session_message_size", direction=direction)
-    crypto = _crypto_recorder(kit, operation)
+    size = kit.meters.histogram(
+        "session_message_size", direction="outbound" if encrypt else "inbound"
+    )
 
-    def ok(elapsed: float, plaintext_size: int, span: trace.Span) -> None:
-        exemplar = _exemplar(span)
+    def on_success(elapsed: float, args: tuple, result: bytes, exemplar) -> None:
         session_duration.record(elapsed, exemplar)
-        size.record(plaintext_size, exemplar)
-        crypto("chacha20", elapsed, False, span)
+        size.record(len(args[0]) if encrypt else len(result), exemplar)
 
-    def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
-            return wrapped(*args, **kwargs)
-        start = perf_counter()
-        try:
-            result = _traced_crypto(kit, operation, lambda: wrapped(*args, **kwargs), "chacha20")
-        except CryptoError:
-            _safely(crypto, "chacha20", perf_counter() - start, True, kit.current_span())
-            raise
-        elapsed = perf_counter() - start
-        plaintext_size = len(args[0]) if operation == "encrypt" else len(result)
-        _safely(ok, elapsed, plaintext_size, kit.current_span())
-        return result
-
-    return wrapper
+    return _wrap_crypto(kit, operation, lambda instance, args, kwargs: "chacha20", on_success)
 
 
 def _wrap_session_create(kit: _Kit):
@@ -285,7 +291,7 @@ def _wrap_session_create(kit: _Kit):
             return wrapped(*args, **kwargs)
         role = getattr(args[1] if len(args) > 1 else kwargs.get("role"), "value", "")
         attributes = {"sage.session.role": role}
-        with kit.start("sage.session.create", attributes=attributes, **_start_kwargs()) as span:
+        with kit.start("sage.session.create", attributes=attributes) as span:
             start = perf_counter()
             try:
                 result = wrapped(*args, **kwargs)
@@ -349,7 +355,7 @@ def _wrap_resolve(kit: _Kit):
         target = args[0] if args else kwargs.get("did")
         chain = _chain_of(target)
         attributes = {"sage.did.chain": chain, "sage.did": str(target)[:200]}
-        with kit.start("sage.did.resolve", attributes=attributes, **_start_kwargs()) as span:
+        with kit.start("sage.did.resolve", attributes=attributes) as span:
             start = perf_counter()
             try:
                 result = await wrapped(*args, **kwargs)
@@ -375,7 +381,7 @@ def _wrap_register(kit: _Kit):
         did_value = getattr(args[0] if args else kwargs.get("document"), "did", None)
         chain = _chain_of(did_value)
         attributes = {"sage.did.chain": chain, "sage.did": str(did_value)}
-        with kit.start("sage.did.register", attributes=attributes, **_start_kwargs()) as span:
+        with kit.start("sage.did.register", attributes=attributes) as span:
             try:
                 result = await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -427,7 +433,7 @@ def _wrap_stage(kit: _Kit, stage: str, role: str | None):
     def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        with kit.start(f"sage.handshake.{stage}", **_start_kwargs()) as span:
+        with kit.start(f"sage.handshake.{stage}") as span:
             start = perf_counter()
             try:
                 return wrapped(*args, **kwargs)
@@ -455,7 +461,7 @@ def _wrap_process(kit: _Kit):
     async def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
-        with kit.start("sage.handshake.process", **_start_kwargs()) as span:
+        with kit.start("sage.handshake.process") as span:
             start = perf_counter()
             try:
                 result = await wrapped(*args, **kwargs)
@@ -490,7 +496,7 @@ def _wrap_connect(kit: _Kit):
             "sage.peer.did": str(peer),
             **_server_attributes(base_url),
         }
-        with kit.start("sage.handshake", SpanKind.CLIENT, attributes, **_start_kwargs()) as span:
+        with kit.start("sage.handshake", SpanKind.CLIENT, attributes) as span:
             try:
                 result = await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -529,15 +535,16 @@ def _wrap_open(kit: _Kit):
             return wrapped(*args, **kwargs)
         msg = args[1] if len(args) > 1 else kwargs["message"]
         kind = msg.type.value
-        with kit.start("sage.message.process", **_start_kwargs()) as span:
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        "sage.session.id": msg.session_id,
-                        "sage.message.type": kind,
-                        "sage.message.seq": msg.seq,
-                    }
-                )
+        attributes = (
+            {
+                "sage.session.id": msg.session_id,
+                "sage.message.type": kind,
+                "sage.message.seq": msg.seq,
+            }
+            if kit.tracing
+            else None
+        )
+        with kit.start("sage.message.process", attributes=attributes) as span:
             start = perf_counter()
             try:
                 result = wrapped(*args, **kwargs)
@@ -588,7 +595,7 @@ def _wrap_send(kit: _Kit):
             "sage.message.type": "text" if isinstance(data, str) else "binary",
             **_server_attributes(conn.base_url),
         }
-        with kit.start("sage.message.send", SpanKind.CLIENT, attributes, **_start_kwargs()) as span:
+        with kit.start("sage.message.send", SpanKind.CLIENT, attributes) as span:
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -639,9 +646,7 @@ def _wrap_dispatch(kit: _Kit):
             attributes["sage.handshake.role"] = "server"
         elif envelope.context_id:
             attributes["sage.session.id"] = envelope.context_id[:64]
-        with kit.start(
-            name, SpanKind.SERVER, attributes, context=parent, **_start_kwargs()
-        ) as span:
+        with kit.start(name, SpanKind.SERVER, attributes, context=parent) as span:
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:

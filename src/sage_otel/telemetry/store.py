@@ -61,14 +61,13 @@ class CounterCell:
 class HistogramCell:
     """One series of an explicit-bucket histogram; the latest sampled exemplar per bucket."""
 
-    __slots__ = ("_lock", "bounds", "count", "counts", "exemplars", "max", "min", "sum")
+    __slots__ = ("_lock", "bounds", "counts", "exemplars", "max", "min", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._lock = threading.Lock()
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.exemplars: list[tuple[float, int, int, int] | None] = [None] * (len(bounds) + 1)
-        self.count = 0
         self.sum = 0.0
         self.min = float("inf")
         self.max = float("-inf")
@@ -77,7 +76,6 @@ class HistogramCell:
         index = bisect_left(self.bounds, value)  # buckets are upper-inclusive, as in OTel
         with self._lock:
             self.counts[index] += 1
-            self.count += 1
             self.sum += value
             if value < self.min:
                 self.min = value
@@ -146,7 +144,8 @@ class MetricStore:
 
     def _histogram_point(self, attributes: dict[str, str], cell: HistogramCell, now: int):
         with cell._lock:
-            counts, count, total = list(cell.counts), cell.count, cell.sum
+            counts, total = list(cell.counts), cell.sum
+            count = sum(counts)
             low, high = (cell.min, cell.max) if count else (0.0, 0.0)
         return HistogramDataPoint(
             attributes,
