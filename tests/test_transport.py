@@ -18,7 +18,7 @@ from sage_otel.agent.errors import (
     UnknownDIDError,
 )
 from sage_otel.agent.identity import AgentIdentity, Chain
-from sage_otel.agent.session import Session, SessionLimits, SessionManager
+from sage_otel.agent.session import EndReason, Session, SessionLimits, SessionManager
 from sage_otel.agent.transport import ClientAgent, ServerAgent
 
 StartServer = Callable[..., Awaitable[tuple[ServerAgent, str]]]
@@ -173,9 +173,11 @@ async def test_session_past_max_messages_is_expired(
     assert info.value.http_status == 410
     assert info.value.category is ErrorCategory.EXPIRED
     assert server.sessions.active_count == 0
-    with pytest.raises(PeerError) as info:
+    # The client ended its side too: its keys are gone and nothing more is sent.
+    assert client.sessions.active_count == 0
+    assert conn.session.end_reason is EndReason.PEER_ENDED
+    with pytest.raises(SessionExpiredError):
         await client.send(conn, "four")
-    assert info.value.code == "unknown_session" and info.value.http_status == 404
 
 
 async def test_background_sweep_expires_idle_sessions(

@@ -34,7 +34,7 @@ from .agent.errors import PeerError, SageError
 from .agent.identity import AgentIdentity, Chain
 from .agent.message import seal, signature_base
 from .agent.session import SessionLimits, SessionManager
-from .agent.transport import MESSAGE_TASK, ClientAgent, Connection, ServerAgent
+from .agent.transport import MESSAGE_TASK, SESSION_GONE, ClientAgent, Connection, ServerAgent
 
 INJECTIONS = ("replay", "tamper", "corrupt", "truncate", "stale")
 
@@ -222,9 +222,8 @@ class Demo:
                     await agent.send(conn, payload)
                     self.stats.messages_ok += 1
             except PeerError as error:
-                if error.code in ("session_expired", "unknown_session"):  # ended by a limit
+                if error.code in SESSION_GONE:  # ended by a limit; the agent expired it
                     self.stats.sessions_expired += 1
-                    agent.sessions.close(conn.session.id)
                     return
                 self.stats.messages_failed += 1
                 self.stats.unexpected_error(error)

@@ -21,7 +21,8 @@ Options for ``instrument()``:
 * ``meters``: bound-instrument factory (:mod:`sage_otel.telemetry.meters`); by default the
   fast store when ``sage_otel.configure`` owns the meter provider, otherwise the plain API;
 * ``crypto_detail``: ``"events"`` (default: span events on the current span), ``"spans"``
-  (a child span per crypto operation) or ``"none"``;
+  (a child span per crypto operation) or ``"none"``; under ``opentelemetry-instrument`` set
+  ``OTEL_PYTHON_SAGE_CRYPTO_DETAIL``;
 * ``span_hook``: ``hook(span, operation)`` called on each span this library starts; its
   exceptions are logged and swallowed.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Collection
 from time import perf_counter
 from typing import Any
@@ -42,14 +44,14 @@ from urllib.parse import urlsplit
 import wrapt
 from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled, unwrap
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import __version__
 from .agent import did, handshake, identity, message, session, transport
-from .agent.errors import CryptoError, SageError, SignatureError, category_of
+from .agent.errors import CryptoError, PeerError, SageError, SignatureError, category_of
 from .agent.identity import CHAIN_ALIASES, DID
-from .telemetry.catalog import ALGORITHMS, CHAINS, HANDSHAKE_ERROR_TYPES
+from .telemetry.catalog import ALGORITHMS, CHAINS, HANDSHAKE_ERROR_TYPES, OTHER
 from .telemetry.meters import ApiMeters, Meters
 
 _logger = logging.getLogger(__name__)
@@ -65,7 +67,12 @@ def _log_once(where: str) -> None:
 
 
 def error_type(exc: BaseException) -> str:
-    """A bounded identifier: the typed SAGE error code, or the exception class name."""
+    """A bounded identifier: our typed error code, a peer's error category, or the class name.
+
+    A peer's own error code is not used: it is whatever the peer chose to send.
+    """
+    if isinstance(exc, PeerError):
+        return f"peer_{exc.category.value}"
     return exc.code if isinstance(exc, SageError) else type(exc).__qualname__
 
 
@@ -168,7 +175,7 @@ def _fail(span: trace.Span, exc: BaseException) -> None:
 def _crypto_recorder(kit: _Kit, operation: str):
     ops = {
         alg: kit.meters.counter("crypto_operations", operation=operation, algorithm=alg)
-        for alg in ALGORITHMS
+        for alg in (*ALGORITHMS, OTHER)
     }
     duration = kit.meters.histogram("crypto_operation_duration", operation=operation)
     errors = kit.meters.counter("crypto_errors", operation=operation)
@@ -177,7 +184,7 @@ def _crypto_recorder(kit: _Kit, operation: str):
 
     def record(algorithm: str, elapsed: float, failed: bool, span: trace.Span) -> None:
         exemplar = _exemplar(span)
-        ops[algorithm].add(1, exemplar)
+        ops[algorithm if algorithm in ops else OTHER].add(1, exemplar)
         duration.record(elapsed, exemplar)
         if failed:
             errors.add(1, exemplar)
@@ -479,7 +486,8 @@ def _wrap_process(kit: _Kit):
 
 def _server_attributes(base_url: str) -> dict[str, Any]:
     parts = urlsplit(base_url)
-    return {"server.address": parts.hostname or "", "server.port": parts.port or 80}
+    default_port = 443 if parts.scheme == "https" else 80
+    return {"server.address": parts.hostname or "", "server.port": parts.port or default_port}
 
 
 def _wrap_connect(kit: _Kit):
@@ -514,13 +522,38 @@ def _wrap_connect(kit: _Kit):
 # --- messages -----------------------------------------------------------------------------
 
 
+def _processed_counters(kit: _Kit) -> dict[tuple[str, str], Any]:
+    types, statuses = ("text", "binary", OTHER), ("success", "failure")
+    return {
+        (t, s): kit.meters.counter("messages_processed", type=t, status=s)
+        for t in types
+        for s in statuses
+    }
+
+
+def _wrap_from_wire(kit: _Kit):
+    """SecureMessage.from_wire: a message refused while parsing is a failed message too."""
+    processed = _processed_counters(kit)
+
+    def wrapper(wrapped, instance, args, kwargs):
+        try:
+            return wrapped(*args, **kwargs)
+        except Exception:
+            if is_instrumentation_enabled():
+                try:
+                    metadata = args[2] if len(args) > 2 else kwargs.get("metadata")
+                    kind = metadata.get("type") if isinstance(metadata, dict) else None
+                    processed[kind if kind in ("text", "binary") else OTHER, "failure"].add(1)
+                except Exception:
+                    _log_once("from_wire")
+            raise
+
+    return wrapper
+
+
 def _wrap_open(kit: _Kit):
     """MessageValidator.open: the processing span and the message metrics."""
-    processed = {
-        (t, s): kit.meters.counter("messages_processed", type=t, status=s)
-        for t in ("text", "binary")
-        for s in ("success", "failure")
-    }
+    processed = _processed_counters(kit)
     duration = kit.meters.histogram("message_processing_duration")
     size = kit.meters.histogram("message_size")
 
@@ -621,6 +654,24 @@ def _wrap_post(kit: _Kit):
     return wrapper
 
 
+def _wrap_close(kit: _Kit):
+    """ClientAgent.close: the client side of a close request, so both sides share a trace."""
+
+    async def wrapper(wrapped, instance, args, kwargs):
+        if not is_instrumentation_enabled():
+            return await wrapped(*args, **kwargs)
+        conn = args[0] if args else kwargs["conn"]
+        attributes = {"sage.session.id": conn.session.id, **_server_attributes(conn.base_url)}
+        with kit.start("sage.session.close_request", SpanKind.CLIENT, attributes) as span:
+            try:
+                return await wrapped(*args, **kwargs)
+            except Exception as exc:
+                _fail(span, exc)
+                raise
+
+    return wrapper
+
+
 _SERVER_SPANS = {
     handshake.TASK: "sage.handshake",
     transport.MESSAGE_TASK: "sage.message.receive",
@@ -641,12 +692,12 @@ def _wrap_dispatch(kit: _Kit):
             _log_once("propagation.extract")
             parent = None
         name = _SERVER_SPANS.get(envelope.task_id, "sage.receive")
-        attributes = {"sage.task": name if name == "sage.receive" else envelope.task_id}
+        attributes = {"sage.task": envelope.task_id if envelope.task_id in _SERVER_SPANS else OTHER}
         if envelope.task_id == handshake.TASK:
             attributes["sage.handshake.role"] = "server"
         elif envelope.context_id:
             attributes["sage.session.id"] = envelope.context_id[:64]
-        with kit.start(name, SpanKind.SERVER, attributes, context=parent) as span:
+        with kit.start(name, SpanKind.SERVER, attributes, parent) as span:
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -671,15 +722,18 @@ _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
     (handshake.Initiator, "init", lambda kit: _wrap_stage(kit, "init", "client")),
     (handshake.Initiator, "finalize", lambda kit: _wrap_stage(kit, "finalize", None)),
     (handshake.Responder, "process", _wrap_process),
+    (message.SecureMessage, "from_wire", _wrap_from_wire),
     (message.MessageValidator, "open", _wrap_open),
     (message.NonceCache, "check", _wrap_nonce_check),
     (transport.ClientAgent, "connect", _wrap_connect),
     (transport.ClientAgent, "send", _wrap_send),
+    (transport.ClientAgent, "close", _wrap_close),
     (transport.ClientAgent, "post", _wrap_post),
     (transport.ServerAgent, "dispatch", _wrap_dispatch),
 )
 
 CRYPTO_DETAILS = ("events", "spans", "none")
+CRYPTO_DETAIL_ENV = "OTEL_PYTHON_SAGE_CRYPTO_DETAIL"  # for opentelemetry-instrument
 
 
 class SageInstrumentor(BaseInstrumentor):
@@ -697,7 +751,7 @@ class SageInstrumentor(BaseInstrumentor):
             from .telemetry.setup import meters_for
 
             meters = meters_for(kwargs.get("meter_provider"))
-        crypto_detail = kwargs.get("crypto_detail", "events")
+        crypto_detail = kwargs.get("crypto_detail") or os.environ.get(CRYPTO_DETAIL_ENV, "events")
         if crypto_detail not in CRYPTO_DETAILS:
             raise ValueError(f"crypto_detail must be one of {CRYPTO_DETAILS}")
         kit = _Kit(tracer, meters, crypto_detail, kwargs.get("span_hook"))
@@ -706,7 +760,14 @@ class SageInstrumentor(BaseInstrumentor):
 
     def _uninstrument(self, **kwargs: Any) -> None:
         for owner, name, _factory in _PATCHES:
-            unwrap(owner, name)
+            _unwrap(owner, name)
+
+
+def _unwrap(owner: object, name: str) -> None:
+    """Put back exactly what was there: for a classmethod, the classmethod object itself."""
+    patched = vars(owner).get(name)
+    if patched is not None and hasattr(patched, "__wrapped__"):
+        setattr(owner, name, patched.__wrapped__)
 
 
 __all__ = ["ApiMeters", "SageInstrumentor", "error_type"]

@@ -216,8 +216,11 @@ class Responder:
             raise TimestampSkewError("handshake timestamp outside tolerance")
         ctx_id = _ctx_from_export(fields["exportCtx"])
         replay_key = f"{ctx_id}|{fields['nonce']}".encode()
-        if self.replays.check(replay_key, ts) is not NonceStatus.VALID:
+        status = self.replays.check(replay_key, ts)
+        if status is NonceStatus.INVALID:
             raise ReplayError("handshake replayed", code="handshake_replay")
+        if status is NonceStatus.EXPIRED:
+            raise TimestampSkewError("handshake outside the replay window", code="nonce_expired")
         info = build_info(ctx_id, fields["initDid"], own_did)
         export_ctx = build_export_ctx(ctx_id)
         if fields["info"].encode() != info or fields["exportCtx"].encode() != export_ctx:

@@ -40,6 +40,7 @@ class EndReason(str, Enum):
     MAX_AGE = "max_age"
     IDLE = "idle"
     MAX_MESSAGES = "max_messages"
+    PEER_ENDED = "peer_ended"  # the peer answered that the session is gone
 
 
 @dataclass(frozen=True)

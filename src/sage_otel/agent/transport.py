@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import socket
 import uuid
@@ -39,9 +40,10 @@ from .handshake import TASK as HANDSHAKE_TASK
 from .handshake import Initiator, Responder
 from .identity import AgentIdentity, parse_did
 from .message import MessageValidator, SecureMessage, seal
-from .session import Session, SessionManager
+from .session import EndReason, Session, SessionManager
 
 MESSAGE_TASK = "sage/message@v1"
+SESSION_GONE = frozenset({"session_expired", "unknown_session"})
 CLOSE_TASK = "sage/close@v1"
 MESSAGES_PATH = "/messages"
 REPLY_METHOD = "RESPONSE"
@@ -243,7 +245,9 @@ class ServerAgent:
             timeout_graceful_shutdown=2,
         )
         self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        # Serve in a fresh context: the server's tasks must not inherit the caller's span.
+        serve = self._server.serve(sockets=[sock])
+        self._task = contextvars.Context().run(asyncio.create_task, serve)
         while not self._server.started:
             if self._task.done():
                 self._task.result()
@@ -374,7 +378,12 @@ class ClientAgent:
 
     async def send(self, conn: Connection, data: str | bytes) -> str | bytes:
         """Send one message in the session and return the peer's (verified, decrypted) reply."""
-        answer = await self.post(conn.base_url, self.message_envelope(conn, data))
+        try:
+            answer = await self.post(conn.base_url, self.message_envelope(conn, data))
+        except PeerError as error:
+            if error.code in SESSION_GONE:  # ended on the server: end it here too
+                self.sessions.expire(conn.session, EndReason.PEER_ENDED)
+            raise
         return self.open_reply(conn, answer)
 
     def open_reply(self, conn: Connection, answer: Any) -> str | bytes:

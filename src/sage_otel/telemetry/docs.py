@@ -76,11 +76,11 @@ RECORDED_AT: dict[str, str] = {
         "down."
     ),
     "sessions_active": (
-        "+1 on each successful `SessionManager.create`, −1 on each counted close or expire; "
+        "+1 on each successful `SessionManager.create`, -1 on each counted close or expire; "
         "both sides' sessions in the process."
     ),
     "session_duration": (
-        "`SessionManager.create` (`operation=\"create\"`: key derivation and cipher set-up); "
+        '`SessionManager.create` (`operation="create"`: key derivation and cipher set-up); '
         "`Session.encrypt` / `Session.decrypt` on success (one timing feeds the session and "
         "crypto histograms)."
     ),
@@ -89,7 +89,7 @@ RECORDED_AT: dict[str, str] = {
         "plaintext length (one timing feeds the session and crypto histograms)."
     ),
     "handshakes_initiated": (
-        "`Initiator.init` (`role=\"client\"`) and `Responder.process` (`role=\"server\"`), "
+        '`Initiator.init` (`role="client"`) and `Responder.process` (`role="server"`), '
         "once per call whatever its outcome."
     ),
     "handshakes_completed": (
@@ -98,7 +98,7 @@ RECORDED_AT: dict[str, str] = {
         "two instrumented agents is counted once by each."
     ),
     "handshakes_failed": (
-        "Wherever `handshakes_completed{status=\"failure\"}` is counted: `ClientAgent.connect` "
+        'Wherever `handshakes_completed{status="failure"}` is counted: `ClientAgent.connect` '
         "and `Responder.process`, labelled with the error's category. On the client, a "
         "refusal by the peer counts under the category the peer sent."
     ),
@@ -109,16 +109,17 @@ RECORDED_AT: dict[str, str] = {
     "crypto_operations": (
         "`SigningKey.sign` and `identity.verify_signature` (identity keys: handshakes, DID "
         "registrations; algorithm = key type); `Session.encrypt` / `Session.decrypt` "
-        "(`chacha20`; one timing feeds the session and crypto histograms). Failed operations "
-        "count too."
+        "(`chacha20`; one timing feeds the session and crypto histograms). Cryptographic "
+        "failures count too; a call refused for another reason (a closed or expired session) "
+        "did no cryptography and is not counted."
     ),
     "crypto_errors": (
         "The same code paths, when the operation fails cryptographically (`SignatureError` "
         "or `CryptoError`: bad signature, failed authentication, truncated ciphertext)."
     ),
     "crypto_operation_duration": (
-        "The same code paths, successful or not (for `encrypt` / `decrypt` the same timing "
-        "as `sage_session_duration_seconds`)."
+        "The same calls as `sage_crypto_operations_total` (for a successful `encrypt` / "
+        "`decrypt`, the same timing as `sage_session_duration_seconds`)."
     ),
     "did_resolutions": (
         "`DIDResolver.resolve`, every call, cache hits included; `failure` for an unknown, "
@@ -168,6 +169,7 @@ _KIND_NAMES = {
     Kind.HISTOGRAM: "Histogram",
 }
 _UNIT_NAMES = {"s": "seconds", "By": "bytes"}
+TIMES = "\u00d7"  # the multiplication sign, as in the "buckets" column
 
 
 class CatalogMismatch(ValueError):
@@ -229,7 +231,7 @@ def _plain(value: float) -> str:
 
 
 def buckets_compact(instrument: Instrument) -> str:
-    """``0.0001 × 2^0..14 (0.1 ms … 1.64 s)`` for exponential layouts."""
+    """``0.0001 x 2^0..14 (0.1 ms … 1.64 s)`` (with a multiplication sign) when exponential."""
     bounds = instrument.buckets
     if not bounds:
         return "—"
@@ -238,7 +240,7 @@ def buckets_compact(instrument: Instrument) -> str:
         factor = round(bounds[1] / bounds[0], 6)
         expected = tuple(float(f"{bounds[0] * factor**i:.10g}") for i in range(len(bounds)))
         if factor > 1 and all(math.isclose(a, b) for a, b in zip(bounds, expected)):
-            return f"{_plain(bounds[0])} × {_plain(factor)}^0..{len(bounds) - 1} {span}"
+            return f"{_plain(bounds[0])} {TIMES} {_plain(factor)}^0..{len(bounds) - 1} {span}"
     return f"{len(bounds)} bounds {span}"
 
 
@@ -480,10 +482,10 @@ def _exemplars() -> list[str]:
         "8.9613e-05 1795728188.168",
         "```",
         "",
-        "The Prometheus text format carries no exemplars. Values "
-        "recorded outside a sampled span (unsampled traces, tracing off, the gauge "
-        "`sage_sessions_active`) carry none. [tracing.md](tracing.md) shows how to follow an "
-        "exemplar to its trace in Grafana.",
+        "The Prometheus text format carries no exemplars. Values recorded outside a sampled "
+        "span (unsampled traces, tracing off) carry none, and neither do the gauge "
+        "`sage_sessions_active` and the `valid` / `expired` nonce checks. "
+        "[tracing.md](tracing.md) shows how to follow an exemplar to its trace in Grafana.",
         "",
     ]
 
@@ -504,12 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument(
         "--write", action="store_true", help="write the page to --path instead of stdout"
     )
-    group.add_argument(
-        "--check", action="store_true", help="exit 1 if the page at --path is stale"
-    )
-    parser.add_argument(
-        "--path", type=Path, default=DEFAULT_PATH, help=f"default: {DEFAULT_PATH}"
-    )
+    group.add_argument("--check", action="store_true", help="exit 1 if the page at --path is stale")
+    parser.add_argument("--path", type=Path, default=DEFAULT_PATH, help=f"default: {DEFAULT_PATH}")
     args = parser.parse_args(argv)
     text = render_metrics_markdown()
     if args.write:

@@ -156,7 +156,7 @@ def configure(
     span_processors: list[SpanProcessor] | None = None,
     metric_readers: list[MetricReader] | None = None,
     instrument: bool = True,
-    crypto_detail: str = "events",
+    crypto_detail: str | None = None,
     set_global: bool = True,
 ) -> Telemetry:
     """Set up traces and metrics for this process; calling it again returns the same setup.
