@@ -132,9 +132,10 @@ RECORDED_AT: dict[str, str] = {
     "did_resolution_duration": "`DIDResolver.resolve`, every call, cache hits included.",
     "messages_processed": (
         "`MessageValidator.open`, on both sides: the server opening requests (close "
-        "requests included), the client opening replies. A message refused before it "
-        "reaches `open` (malformed metadata, content digest mismatch, unknown or expired "
-        "session) is not counted."
+        "requests included), the client opening replies; plus `SecureMessage.from_wire` "
+        "for a message refused while parsing (malformed metadata, content digest mismatch: "
+        "`status=\"failure\"`, `type` from its metadata or `other`). A request for an "
+        "unknown or expired session is refused before either and is not counted here."
     ),
     "replay_attacks_detected": (
         "`NonceCache.check` answering `invalid`: a session message's nonce, or a "
