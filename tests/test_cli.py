@@ -14,7 +14,7 @@ from sage_otel.cli import build_parser
 
 def _demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sage_otel.cli", "demo", *args],
+        [sys.executable, "-m", "sage_otel.cli", "demo", "--metrics-port", "0", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -116,20 +116,25 @@ class _Kit:
         """
         if not self.tracing:
             return _NO_SPAN
-        span = self.tracer.start_span(
-            name,
-            parent,
-            kind,
-            attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        )
+        try:
+            span = self.tracer.start_span(
+                name,
+                parent,
+                kind,
+                attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            scope = _SpanScope(span, context.attach(trace.set_span_in_context(span)))
+        except Exception:  # a broken tracer costs the span, never the SAGE call
+            _log_once(f"start {name}")
+            return _NO_SPAN
         if self.hook is not None and span.is_recording():
             try:
                 self.hook(span, name)
             except Exception:
                 _log_once("span_hook")
-        return _SpanScope(span, context.attach(trace.set_span_in_context(span)))
+        return scope
 
     def current_span(self) -> trace.Span:
         return trace.get_current_span() if self.tracing else trace.INVALID_SPAN
@@ -147,8 +152,11 @@ class _SpanScope:
         return self.span
 
     def __exit__(self, *exc: object) -> None:
-        context.detach(self.token)
-        self.span.end()
+        try:
+            context.detach(self.token)
+            self.span.end()
+        except Exception:
+            _log_once("span end")
 
 
 _NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)

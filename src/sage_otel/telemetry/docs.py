@@ -134,7 +134,7 @@ RECORDED_AT: dict[str, str] = {
         "`MessageValidator.open`, on both sides: the server opening requests (close "
         "requests included), the client opening replies; plus `SecureMessage.from_wire` "
         "for a message refused while parsing (malformed metadata, content digest mismatch: "
-        "`status=\"failure\"`, `type` from its metadata or `other`). A request for an "
+        '`status="failure"`, `type` from its metadata or `other`). A request for an '
         "unknown or expired session is refused before either and is not counted here."
     ),
     "replay_attacks_detected": (

@@ -109,7 +109,9 @@ class ApiMeters:
         return dict(zip(spec.label_keys, spec.normalize(labels)))
 
     def counter(self, key: str, **labels: str) -> CounterHandle:
-        return _ApiCounter(self._instruments[key], self._attributes(key, labels))
+        handle = _ApiCounter(self._instruments[key], self._attributes(key, labels))
+        handle.add(0)  # a bound series exists from binding on, as in the store
+        return handle
 
     def histogram(self, key: str, **labels: str) -> HistogramHandle:
         return _ApiHistogram(self._instruments[key], self._attributes(key, labels))
