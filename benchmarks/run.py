@@ -1,6 +1,7 @@
 """Overhead benchmark: SAGE message round trips/s and handshakes/s under five setups.
 
-    python -m benchmarks.run [--rounds 7] [--messages 3000] [--handshakes 100] [--write docs/performance.md]
+    python -m benchmarks.run [--rounds 7] [--messages 3000] [--handshakes 100]
+                             [--write docs/performance.md]
 
 Variants, interleaved round by round in one process (instrument, measure, uninstrument) so
 that every ratio compares numbers taken under the same machine conditions:
@@ -206,7 +207,8 @@ def render(
 
 RESULTS_TEMPLATE = """## Latest run
 
-Measured {when} with `python -m benchmarks.run --rounds {rounds} --messages {messages} --handshakes {handshakes}`
+Measured {when} with
+`python -m benchmarks.run --rounds {rounds} --messages {messages} --handshakes {handshakes}`
 (medians over {rounds} interleaved rounds; ratios are to (a) in the same run).
 
 {table}
