@@ -20,9 +20,11 @@ Options for ``instrument()``:
 * ``tracer_provider`` / ``meter_provider``: default to the global ones;
 * ``meters``: bound-instrument factory (:mod:`sage_otel.telemetry.meters`); by default the
   fast store when ``sage_otel.configure`` owns the meter provider, otherwise the plain API;
-* ``crypto_detail``: ``"events"`` (default: span events on the current span), ``"spans"``
-  (a child span per crypto operation) or ``"none"``; under ``opentelemetry-instrument`` set
-  ``OTEL_PYTHON_SAGE_CRYPTO_DETAIL``;
+* ``crypto_detail``: ``"handshake"`` (default: a span event on the current span for each
+  identity-key signature and verification, nothing per message), ``"events"`` (an event
+  for every crypto operation, per-message sealing and opening included: each costs
+  microseconds), ``"spans"`` (a child span per crypto operation) or ``"none"``; under
+  ``opentelemetry-instrument`` set ``OTEL_PYTHON_SAGE_CRYPTO_DETAIL``;
 * ``span_hook``: ``hook(span, operation)`` called on each span this library starts; its
   exceptions are logged and swallowed.
 
@@ -159,11 +161,14 @@ class _SpanScope:
             _log_once("span end")
 
 
-_NO_SPAN = contextlib.nullcontext(trace.INVALID_SPAN)
+_INVALID_SPAN = trace.INVALID_SPAN
+_NO_SPAN = contextlib.nullcontext(_INVALID_SPAN)
 
 
 def _exemplar(span: trace.Span) -> tuple[int, int] | None:
     """(trace_id, span_id) when ``span`` is sampled: exemplars link only to stored traces."""
+    if span is _INVALID_SPAN:  # tracing off, or no span: the common metrics-only case
+        return None
     span_context = span.get_span_context()
     if span_context.trace_flags & 1:
         return span_context.trace_id, span_context.span_id
@@ -188,7 +193,11 @@ def _crypto_recorder(kit: _Kit, operation: str):
     duration = kit.meters.histogram("crypto_operation_duration", operation=operation)
     errors = kit.meters.counter("crypto_errors", operation=operation)
     event = f"sage.crypto.{operation}"
-    events = kit.crypto_detail == "events"
+    # "handshake": events for identity-key operations only, never per message.
+    per_message = operation in ("encrypt", "decrypt")
+    events = kit.tracing and (
+        kit.crypto_detail == "events" or (kit.crypto_detail == "handshake" and not per_message)
+    )
 
     def record(algorithm: str, elapsed: float, failed: bool, span: trace.Span) -> None:
         exemplar = _exemplar(span)
@@ -197,12 +206,9 @@ def _crypto_recorder(kit: _Kit, operation: str):
         if failed:
             errors.add(1, exemplar)
         if events and span.is_recording():
-            if algorithm == "chacha20" and not failed:
-                span.add_event(event)  # per message: kept attribute-free, half the cost
-            else:
-                span.add_event(
-                    event, {"sage.crypto.algorithm": algorithm, "sage.crypto.ok": not failed}
-                )
+            span.add_event(
+                event, {"sage.crypto.algorithm": algorithm, "sage.crypto.ok": not failed}
+            )
 
     return record
 
@@ -733,7 +739,7 @@ _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
     (transport.ServerAgent, "dispatch", _wrap_dispatch),
 )
 
-CRYPTO_DETAILS = ("events", "spans", "none")
+CRYPTO_DETAILS = ("handshake", "events", "spans", "none")
 CRYPTO_DETAIL_ENV = "OTEL_PYTHON_SAGE_CRYPTO_DETAIL"  # for opentelemetry-instrument
 
 
@@ -752,7 +758,9 @@ class SageInstrumentor(BaseInstrumentor):
             from .telemetry.setup import meters_for
 
             meters = meters_for(kwargs.get("meter_provider"))
-        crypto_detail = kwargs.get("crypto_detail") or os.environ.get(CRYPTO_DETAIL_ENV, "events")
+        crypto_detail = kwargs.get("crypto_detail") or os.environ.get(
+            CRYPTO_DETAIL_ENV, "handshake"
+        )
         if crypto_detail not in CRYPTO_DETAILS:
             raise ValueError(f"crypto_detail must be one of {CRYPTO_DETAILS}")
         kit = _Kit(tracer, meters, crypto_detail, kwargs.get("span_hook"))
