@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test lint install clean bench collector jaeger prometheus e2e-prereqs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard examples benchmarks)
 	$(BIN)/ruff format --check src tests $(wildcard examples benchmarks)
 
-test: $(STAMP) lint
+test: $(STAMP) lint e2e-prereqs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# End-to-end prerequisites, cached outside the repo (see scripts/): the collector
+# distribution and Jaeger v2 built with Go, Prometheus from Debian's package.
+collector:
+	@bash scripts/build-collector.sh
+
+jaeger:
+	@bash scripts/build-jaeger.sh
+
+prometheus:
+	@bash scripts/ensure-prometheus.sh
+
+e2e-prereqs: collector jaeger prometheus
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Build the sage-otelcol collector distribution from collector/builder-config.yaml with the
+# OpenTelemetry Collector Builder (ocb) of the same release, into a cache outside the repo:
+#   ${SAGE_OTEL_CACHE:-$HOME/.cache/sage-otel}/otelcol-<release>-<sha of the manifest>/sage-otelcol
+# A cached binary is reused. Prints the binary's path; quiet otherwise unless it fails.
+# With --check it builds nothing: prints the path if the binary is there, else exits 3.
+set -euo pipefail
+
+check=
+case "${1:-}" in
+    --check) check=1 ;;
+    "") ;;
+    *) echo "usage: $0 [--check]" >&2; exit 2 ;;
+esac
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+manifest="$root/collector/builder-config.yaml"
+cache="${SAGE_OTEL_CACHE:-$HOME/.cache/sage-otel}"
+
+die() { echo "build-collector: $*" >&2; exit 1; }
+
+[ -f "$manifest" ] || die "missing $manifest"
+# The release is the one the manifest pins for the OTLP receiver; ocb must match it.
+release="$(sed -n 's|^.*go\.opentelemetry\.io/collector/receiver/otlpreceiver \(v[0-9][^ ]*\).*$|\1|p' "$manifest" | head -n 1)"
+[ -n "$release" ] || die "cannot read the collector release from $manifest"
+sha="$(sha256sum "$manifest" | cut -c1-12)"
+dir="$cache/otelcol-$release-$sha"
+bin="$dir/sage-otelcol"
+
+if [ -x "$bin" ]; then
+    echo "$bin"
+    exit 0
+fi
+if [ -n "$check" ]; then
+    echo "$(basename "$0"): $bin is not built (run: make collector)" >&2
+    exit 3
+fi
+
+if ! command -v go >/dev/null 2>&1; then
+    [ -x /usr/local/go/bin/go ] || die "Go is not installed (need go on PATH or /usr/local/go/bin/go)"
+    PATH="/usr/local/go/bin:$PATH"
+fi
+# -mod=mod lets ocb's generated module resolve its go.sum; the module and build caches
+# stay at their defaults (~/go/pkg/mod, ~/.cache/go-build) so later builds are warm.
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
+
+mkdir -p "$cache"
+exec 9>"$cache/.otelcol.lock"
+flock 9
+if [ -x "$bin" ]; then # built by a concurrent run while we waited
+    echo "$bin"
+    exit 0
+fi
+
+ocb_dir="$cache/ocb-$release"
+ocb="$ocb_dir/builder"
+log="$cache/otelcol-$release-$sha.log"
+if [ ! -x "$ocb" ]; then
+    if ! GOBIN="$ocb_dir" go install "go.opentelemetry.io/collector/cmd/builder@$release" >"$log" 2>&1; then
+        cat "$log" >&2
+        die "could not install ocb $release (go install go.opentelemetry.io/collector/cmd/builder@$release)"
+    fi
+fi
+
+work="$(mktemp -d "$cache/.otelcol-build.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+if ! (cd "$work" && "$ocb" --config "$manifest") >"$log" 2>&1; then
+    tail -n 60 "$log" >&2
+    die "ocb failed for $manifest (full log: $log)"
+fi
+[ -x "$work/build/sage-otelcol" ] || die "ocb produced no sage-otelcol binary (log: $log)"
+mkdir -p "$dir"
+mv "$work/build/sage-otelcol" "$dir/.sage-otelcol.tmp"
+mv "$dir/.sage-otelcol.tmp" "$bin"
+rm -f "$log"
+echo "$bin"
