@@ -102,21 +102,22 @@ def _patches(b: Any) -> Iterator[tuple[object, str, Callable]]:
     yield session.Session, "decrypt", lambda o: cipher(o, "decrypt", "inbound")
 
     def opened(original):
-        def patched(self, sess, msg, **kwargs):
+        def patched(self, sess, payload, metadata, **kwargs):
             start = perf_counter()
+            kind = metadata.get("type", "other")
             try:
-                result = original(self, sess, msg, **kwargs)
+                result = original(self, sess, payload, metadata, **kwargs)
             except Exception:
-                b.inc("messages_processed", {"type": msg.type.value, "status": "failure"})
+                b.inc("messages_processed", {"type": kind, "status": "failure"})
                 raise
-            b.inc("messages_processed", {"type": msg.type.value, "status": "success"})
+            b.inc("messages_processed", {"type": kind, "status": "success"})
             b.observe("message_processing_duration", {}, perf_counter() - start)
-            b.observe("message_size", {}, len(msg.ciphertext))
+            b.observe("message_size", {}, len(payload) * 3 // 4)
             return result
 
         return patched
 
-    yield message.MessageValidator, "open", opened
+    yield message.MessageValidator, "open_wire", opened
 
     def checked(original):
         def patched(self, key, timestamp):

@@ -9,7 +9,7 @@ import time
 from sage_otel.agent.did import DIDDocument, DIDResolver, InMemoryRegistry, sign_registration
 from sage_otel.agent.handshake import Initiator, Responder
 from sage_otel.agent.identity import AgentIdentity
-from sage_otel.agent.message import MessageValidator, NonceCache, SecureMessage, seal
+from sage_otel.agent.message import MessageValidator, NonceCache, seal
 from sage_otel.agent.session import Role, SessionLimits, SessionManager
 
 PAYLOAD_SIZE = 1024
@@ -41,8 +41,7 @@ class MessageRoundTrip:
         start = time.perf_counter()
         for _ in range(n):
             wire = seal(sender, payload).to_wire()
-            message = SecureMessage.from_wire("bench", wire["payload"], wire["metadata"])
-            validator.open(receiver, message)
+            validator.open_wire(receiver, wire["payload"], wire["metadata"])
         return time.perf_counter() - start
 
 

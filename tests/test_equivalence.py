@@ -57,6 +57,12 @@ INBOUND: tuple[str | bytes, ...] = ("ok", b"\xff" * 70, "reply " * 50, bytes(100
 SIZE_UNITS = {"By"}
 
 
+def _open_wire(validator, session, message, **kwargs):
+    """Deliver a sealed message the way a transport does: in its wire form."""
+    wire = message.to_wire()
+    return validator.open_wire(session, wire["payload"], wire["metadata"], **kwargs)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1_000.0
@@ -115,14 +121,14 @@ async def workload() -> None:
     for i in range(ROUNDS):
         message = seal(alice_session, OUTBOUND[i])
         sent.append(message)
-        assert bob_validator.open(bob_session, message) == OUTBOUND[i]
+        assert _open_wire(bob_validator, bob_session, message) == OUTBOUND[i]
         reply = seal(bob_session, INBOUND[i], method="RESPONSE")
-        assert alice_validator.open(alice_session, reply, method="RESPONSE") == INBOUND[i]
+        assert _open_wire(alice_validator, alice_session, reply, method="RESPONSE") == INBOUND[i]
 
     with pytest.raises(ReplayError):
-        bob_validator.open(bob_session, sent[1])
+        _open_wire(bob_validator, bob_session, sent[1])
     with pytest.raises(CryptoError):
-        bob_validator.open(bob_session, _tampered(alice_session))
+        _open_wire(bob_validator, bob_session, _tampered(alice_session))
 
     stranger = Initiator(carol, SessionManager()).init(bob_document)
     with pytest.raises(UnknownDIDError):

@@ -72,6 +72,12 @@ SCOPE = "sage_otel"
 ALGORITHM = {Chain.ETHEREUM: "secp256k1", Chain.SOLANA: "ed25519"}
 
 
+def _open_wire(validator, session, message, **kwargs):
+    """Deliver a sealed message the way a transport does: in its wire form."""
+    wire = message.to_wire()
+    return validator.open_wire(session, wire["payload"], wire["metadata"], **kwargs)
+
+
 # --- capture -------------------------------------------------------------------------------
 
 
@@ -913,9 +919,9 @@ async def _in_process_workload() -> None:
     alice_session = initiator.finalize(pending, response)
     validator = MessageValidator()
     message = seal(alice_session, "suppressed")
-    assert validator.open(bob_session, message) == "suppressed"
+    assert _open_wire(validator, bob_session, message) == "suppressed"
     with pytest.raises(Exception, match="nonce"):
-        validator.open(bob_session, message)
+        _open_wire(validator, bob_session, message)
     alice_sessions.close(alice_session.id)
     bob_sessions.close(bob_session.id)
 

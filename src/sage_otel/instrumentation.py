@@ -545,28 +545,8 @@ def _processed_counters(kit: _Kit) -> dict[tuple[str, str], Any]:
     }
 
 
-def _wrap_from_wire(kit: _Kit):
-    """SecureMessage.from_wire: a message refused while parsing is a failed message too."""
-    processed = _processed_counters(kit)
-
-    def wrapper(wrapped, instance, args, kwargs):
-        try:
-            return wrapped(*args, **kwargs)
-        except Exception:
-            if is_instrumentation_enabled():
-                try:
-                    metadata = args[2] if len(args) > 2 else kwargs.get("metadata")
-                    kind = metadata.get("type") if isinstance(metadata, dict) else None
-                    processed[kind if kind in ("text", "binary") else OTHER, "failure"].add(1)
-                except Exception:
-                    _log_once("from_wire")
-            raise
-
-    return wrapper
-
-
 def _wrap_open(kit: _Kit):
-    """MessageValidator.open: the processing span and the message metrics."""
+    """MessageValidator.open_wire: parse, verify, replay-check and open one inbound message."""
     processed = _processed_counters(kit)
     duration = kit.meters.histogram("message_processing_duration")
     size = kit.meters.histogram("message_size")
@@ -580,8 +560,11 @@ def _wrap_open(kit: _Kit):
     def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        msg = args[1] if len(args) > 1 else kwargs["message"]
-        kind = msg.type.value
+        payload = args[1] if len(args) > 1 else kwargs.get("payload")
+        metadata = args[2] if len(args) > 2 else kwargs.get("metadata")
+        kind = metadata.get("type") if isinstance(metadata, dict) else None
+        if kind != "text" and kind != "binary":
+            kind = OTHER
         # No attributes: on the per-message path each one costs microseconds, and the
         # enclosing receive/send span already names the session.
         with kit.start("sage.message.process") as span:
@@ -589,13 +572,20 @@ def _wrap_open(kit: _Kit):
             try:
                 result = wrapped(*args, **kwargs)
             except Exception as exc:
-                _safely(record, kind, "failure", perf_counter() - start, len(msg.ciphertext), span)
+                _safely(record, kind, "failure", perf_counter() - start, _wire_size(payload), span)
                 _fail(span, exc)
                 raise
-            _safely(record, kind, "success", perf_counter() - start, len(msg.ciphertext), span)
+            _safely(record, kind, "success", perf_counter() - start, _wire_size(payload), span)
             return result
 
     return wrapper
+
+
+def _wire_size(payload: object) -> int:
+    """Bytes carried by a standard-base64 payload, without decoding it again."""
+    if not isinstance(payload, str):
+        return 0
+    return len(payload) * 3 // 4 - (2 if payload.endswith("==") else payload.endswith("="))
 
 
 def _wrap_nonce_check(kit: _Kit):
@@ -729,8 +719,7 @@ _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
     (handshake.Initiator, "init", lambda kit: _wrap_stage(kit, "init", "client")),
     (handshake.Initiator, "finalize", lambda kit: _wrap_stage(kit, "finalize", None)),
     (handshake.Responder, "process", _wrap_process),
-    (message.SecureMessage, "from_wire", _wrap_from_wire),
-    (message.MessageValidator, "open", _wrap_open),
+    (message.MessageValidator, "open_wire", _wrap_open),
     (message.NonceCache, "check", _wrap_nonce_check),
     (transport.ClientAgent, "connect", _wrap_connect),
     (transport.ClientAgent, "send", _wrap_send),

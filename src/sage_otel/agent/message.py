@@ -232,6 +232,23 @@ class MessageValidator:
             message.session_id.encode() + message.nonce, message.timestamp_ns / 1e9
         )
 
+    def open_wire(
+        self,
+        session: Session,
+        payload: object,
+        metadata: object,
+        *,
+        method: str = "POST",
+        path: str = "/messages",
+    ) -> str | bytes:
+        """Process one inbound message as it arrived: parse it, then :meth:`open` it.
+
+        This is the unit of message processing: a message refused while parsing (bad
+        metadata, content digest mismatch) is a failed message like any other.
+        """
+        message = SecureMessage.from_wire(session.id, payload, metadata)
+        return self.open(session, message, method=method, path=path)
+
     def open(
         self,
         session: Session,

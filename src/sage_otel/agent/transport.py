@@ -39,7 +39,7 @@ from .errors import (
 from .handshake import TASK as HANDSHAKE_TASK
 from .handshake import Initiator, Responder
 from .identity import AgentIdentity, parse_did
-from .message import MessageValidator, SecureMessage, seal
+from .message import MessageValidator, seal
 from .session import EndReason, Session, SessionManager
 
 MESSAGE_TASK = "sage/message@v1"
@@ -209,8 +209,7 @@ class ServerAgent:
 
     def _open(self, envelope: Envelope) -> tuple[Session, str | bytes]:
         session = self.sessions.get(envelope.context_id)
-        message = SecureMessage.from_wire(session.id, envelope.raw_payload, envelope.metadata)
-        return session, self.validator.open(session, message)
+        return session, self.validator.open_wire(session, envelope.raw_payload, envelope.metadata)
 
     async def process_message(self, envelope: Envelope) -> dict[str, Any]:
         """Open an inbound session message, run the handler, seal its reply."""
@@ -389,10 +388,9 @@ class ClientAgent:
     def open_reply(self, conn: Connection, answer: Any) -> str | bytes:
         if not isinstance(answer, dict):
             raise InvalidMessageError("reply must be an object", code="bad_reply")
-        message = SecureMessage.from_wire(
-            conn.session.id, answer.get("payload"), answer.get("metadata")
+        return self.validator.open_wire(
+            conn.session, answer.get("payload"), answer.get("metadata"), method=REPLY_METHOD
         )
-        return self.validator.open(conn.session, message, method=REPLY_METHOD)
 
     async def close(self, conn: Connection) -> None:
         """Close the session on both sides; the local keys are zeroed whatever the peer says."""

@@ -131,25 +131,26 @@ RECORDED_AT: dict[str, str] = {
     ),
     "did_resolution_duration": "`DIDResolver.resolve`, every call, cache hits included.",
     "messages_processed": (
-        "`MessageValidator.open`, on both sides: the server opening requests (close "
-        "requests included), the client opening replies; plus `SecureMessage.from_wire` "
-        "for a message refused while parsing (malformed metadata, content digest mismatch: "
-        '`status="failure"`, `type` from its metadata or `other`). A request for an '
-        "unknown or expired session is refused before either and is not counted here."
+        "`MessageValidator.open_wire`, on both sides: the server processing requests (close "
+        "requests included), the client processing replies. A message refused while parsing "
+        "(malformed metadata, content digest mismatch) is a failure too, its `type` taken "
+        "from its metadata or `other`. A request for an unknown or expired session is "
+        "refused before processing and is not counted here."
     ),
     "replay_attacks_detected": (
         "`NonceCache.check` answering `invalid`: a session message's nonce, or a "
         "handshake's context and nonce, already seen."
     ),
     "nonce_validations": (
-        "`NonceCache.check`, every call: session messages (in `MessageValidator.open`) and "
+        "`NonceCache.check`, every call: session messages (in `MessageValidator.open_wire`) and "
         "handshake requests (in `Responder.process`)."
     ),
     "message_processing_duration": (
-        "`MessageValidator.open`: signature, timestamp, nonce and sequence checks and "
+        "`MessageValidator.open_wire`: parsing, signature, timestamp, nonce and sequence "
+        "checks and "
         "decryption; failures included."
     ),
-    "message_size": "`MessageValidator.open`: the wire size of the sealed payload.",
+    "message_size": "`MessageValidator.open_wire`: the wire size of the sealed payload.",
 }
 
 # What each handshake error_type means; must name exactly the catalog's values.
