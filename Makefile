@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench collector jaeger prometheus e2e-prereqs
+.PHONY: demo test lint install clean bench collector jaeger prometheus validators e2e-prereqs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,10 @@ jaeger:
 prometheus:
 	@bash scripts/ensure-prometheus.sh
 
-e2e-prereqs: collector jaeger prometheus
+validators:
+	@bash scripts/ensure-validators.sh
+
+e2e-prereqs: collector jaeger prometheus validators
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

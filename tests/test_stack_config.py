@@ -1,0 +1,542 @@
+"""The compose stack for users (collector/docker-compose.yaml) and the files it mounts.
+
+Nothing here runs a container (there is no Docker engine). The compose file is validated
+against the Compose Specification by Debian's ``docker-compose`` (``config -q`` works offline
+and checks the file against the spec's JSON schema), the Prometheus config by ``promtool``,
+the Alertmanager config by ``amtool`` when it is installed; Tempo's config and Grafana's
+provisioning are checked structurally and against each other: every uid, host, port and path
+one file names must be what the file it points at defines.
+
+``make validators`` (scripts/ensure-validators.sh) installs both validators from Debian's
+packages; a missing validator fails the test under ``CI=true`` and skips it elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from sage_otel.telemetry.catalog import INSTRUMENTS
+
+REPO = Path(__file__).resolve().parents[1]
+COLLECTOR = REPO / "collector"
+COMPOSE = COLLECTOR / "docker-compose.yaml"
+COLLECTOR_CONFIG = COLLECTOR / "otel-collector.yaml"
+BUILDER_CONFIG = COLLECTOR / "builder-config.yaml"
+PROMETHEUS_CONFIG = COLLECTOR / "prometheus" / "prometheus.yml"
+ALERTMANAGER_CONFIG = COLLECTOR / "alertmanager" / "alertmanager.yml"
+TEMPO_CONFIG = COLLECTOR / "tempo" / "tempo.yaml"
+DATASOURCES = COLLECTOR / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
+DASHBOARD_PROVIDERS = COLLECTOR / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml"
+DASHBOARD_DIR = COLLECTOR / "grafana" / "dashboards"
+
+SERVICES = {"sage-demo", "otel-collector", "tempo", "prometheus", "alertmanager", "grafana"}
+# The monitoring plan (§6.2): agent metrics on 9090, Prometheus on 9091, Grafana on 3000.
+PLAN_PORTS = {9090: ("sage-demo", 9090), 9091: ("prometheus", 9090), 3000: ("grafana", 3000)}
+COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib"
+GRAFANA_PROVISIONING = PurePosixPath("/etc/grafana/provisioning")
+CATALOG_NAMES = {instrument.prometheus_name for instrument in INSTRUMENTS}
+SAGE_METRIC = re.compile(r"\bsage_[a-z0-9_]+")
+
+
+def missing(reason: str) -> NoReturn:
+    """A validator is absent: fail under CI (it must be there), skip elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def load(path: Path) -> Any:
+    assert path.is_file(), f"{path.relative_to(REPO)} is missing"
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def run(argv: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+# --- parsed files -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def prometheus_config() -> dict[str, Any]:
+    return load(PROMETHEUS_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def tempo() -> dict[str, Any]:
+    return load(TEMPO_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def datasources() -> dict[str, dict[str, Any]]:
+    document = load(DATASOURCES)
+    assert document["apiVersion"] == 1
+    listed = document["datasources"]
+    uids = [source["uid"] for source in listed]
+    assert len(uids) == len(set(uids)), f"duplicate data source uids: {uids}"
+    return {source["uid"]: source for source in listed}
+
+
+def image_parts(image: str) -> tuple[str, str]:
+    """``repo[:tag][@digest]`` -> (repo, tag); the tag is "" when there is none."""
+    name = image.split("@", 1)[0]
+    repo, _, tag = name.rpartition(":") if ":" in name.rsplit("/", 1)[-1] else (name, "", "")
+    return repo, tag
+
+
+def published_ports(service: dict[str, Any]) -> Iterator[tuple[int, int]]:
+    """(host port, container port) of each published port, short or long syntax."""
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            yield int(entry["published"]), int(entry["target"])
+            continue
+        parts = str(entry).split("/", 1)[0].split(":")
+        assert len(parts) in (2, 3), f"{entry!r}: publish ports as [IP:]HOST:CONTAINER"
+        yield int(parts[-2]), int(parts[-1])
+
+
+def mounts(service: dict[str, Any]) -> Iterator[tuple[str, PurePosixPath]]:
+    """(source, container path) of each volume entry, short or long syntax."""
+    for entry in service.get("volumes", []):
+        if isinstance(entry, dict):
+            yield str(entry["source"]), PurePosixPath(entry["target"])
+        else:
+            source, target = str(entry).split(":")[:2]
+            yield source, PurePosixPath(target)
+
+
+def bind_mounts(service: dict[str, Any]) -> dict[PurePosixPath, Path]:
+    """Container path -> the repository path bind-mounted there (relative to collector/)."""
+    return {
+        target: (COLLECTOR / source).resolve()
+        for source, target in mounts(service)
+        if source.startswith((".", "/"))
+    }
+
+
+def repo_path_in(service: dict[str, Any], container_path: PurePosixPath) -> Path | None:
+    """The repository file a container path of ``service`` shows, through its bind mounts."""
+    for target, source in bind_mounts(service).items():
+        if container_path == target or target in container_path.parents:
+            return source / container_path.relative_to(target)
+    return None
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def container_ports(service: dict[str, Any]) -> set[int]:
+    return {container for _, container in published_ports(service)}
+
+
+# --- the compose file -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def docker_compose() -> str:
+    """Debian's docker-compose (v1, which validates the Compose Specification form offline),
+    installed by ``make validators`` (scripts/ensure-validators.sh)."""
+    found = shutil.which("docker-compose")
+    if not found:
+        missing("docker-compose is not installed (run: make validators)")
+    return found
+
+
+def test_compose_file_is_valid_against_the_compose_specification(docker_compose: str) -> None:
+    result = run([docker_compose, "-f", str(COMPOSE), "config", "-q"])
+    assert result.returncode == 0, result.stderr or result.stdout
+
+
+def test_compose_validator_rejects_what_the_specification_does_not_allow(
+    docker_compose: str, tmp_path: Path
+) -> None:
+    """The check above means something: an unknown service key is an error."""
+    bad = tmp_path / "docker-compose.yaml"
+    bad.write_text("services:\n  demo:\n    image: busybox:1.36\n    no_such_key: 1\n")
+    result = run([docker_compose, "-f", str(bad), "config", "-q"])
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr
+
+
+def test_compose_uses_the_specification_form(compose: dict[str, Any]) -> None:
+    assert "version" not in compose, "the Compose Specification has no `version:` key"
+    assert set(compose["services"]) == SERVICES
+
+
+def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        repo, tag = image_parts(service["image"])
+        assert tag and tag != "latest", f"{name}: pin {repo} to a release, not {tag or 'none'}"
+        assert re.search(r"\d", tag), f"{name}: {service['image']} names no version"
+
+
+def test_collector_image_is_the_builder_manifest_release(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    release = load(BUILDER_CONFIG)["dist"]["version"]
+    repo, tag = image_parts(services["otel-collector"]["image"])
+    assert repo == COLLECTOR_IMAGE
+    assert tag.removeprefix("v") == str(release).removeprefix("v")
+
+
+def test_published_ports_follow_the_plan(services: dict[str, dict[str, Any]]) -> None:
+    published: dict[int, tuple[str, int]] = {}
+    for name, service in services.items():
+        for host, container in published_ports(service):
+            assert host not in published, f"host port {host} published twice"
+            published[host] = (name, container)
+    for host, expected in PLAN_PORTS.items():
+        assert published.get(host) == expected, f"host port {host}"
+
+
+def test_every_bind_mount_exists_in_the_repository(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
+            assert source == REPO or REPO in source.parents, f"{name}: {source} is outside"
+
+
+def test_named_volumes_are_declared(compose: dict[str, Any]) -> None:
+    declared = set(compose.get("volumes") or {})
+    for name, service in compose["services"].items():
+        for source, _ in mounts(service):
+            if not source.startswith((".", "/")):
+                assert source in declared, f"{name}: volume {source} is not declared"
+
+
+def test_dependencies_exist_and_wait_only_for_checkable_health(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, service in services.items():
+        for other, condition in (service.get("depends_on") or {}).items():
+            assert other in services, f"{name} depends on unknown service {other}"
+            if condition["condition"] == "service_healthy":
+                assert "healthcheck" in services[other], f"{other} has no health check"
+
+
+def test_collector_service_matches_its_config(
+    services: dict[str, dict[str, Any]], tempo: dict[str, Any]
+) -> None:
+    collector = services["otel-collector"]
+    config_text = COLLECTOR_CONFIG.read_text(encoding="utf-8")
+    variables = set(re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)", config_text))
+    env = {key: str(value) for key, value in collector["environment"].items()}
+    assert set(env) <= variables, f"not variables of otel-collector.yaml: {set(env) - variables}"
+
+    # The config is mounted where --config reads it.
+    config_flag = next(arg for arg in collector["command"] if arg.startswith("--config"))
+    assert repo_path_in(collector, PurePosixPath(config_flag.split("=", 1)[1])) == COLLECTOR_CONFIG
+
+    # Traces to Tempo's OTLP gRPC receiver.
+    host, port = host_port(env["TEMPO_ENDPOINT"])
+    tempo_grpc = tempo["distributor"]["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    assert host == "tempo"
+    assert port == host_port(tempo_grpc)[1]
+
+    # Metrics to Prometheus' remote-write receiver, on the port it listens on inside.
+    url = urlsplit(env["PROMETHEUS_REMOTE_WRITE_URL"])
+    assert (url.hostname, url.port, url.path) == ("prometheus", 9090, "/api/v1/write")
+    assert url.port in container_ports(services["prometheus"])
+
+    # The OTLP receivers and the health check listen on every interface, published as is.
+    for key in ("OTLP_GRPC_ENDPOINT", "OTLP_HTTP_ENDPOINT", "HEALTH_CHECK_ENDPOINT"):
+        listen_host, listen_port = host_port(env[key])
+        assert listen_host == "0.0.0.0", key
+        assert (listen_port, listen_port) in set(published_ports(collector)), key
+
+
+def test_demo_agent_service(services: dict[str, dict[str, Any]]) -> None:
+    demo = services["sage-demo"]
+    assert image_parts(demo["image"]) == ("python", "3.12-slim")
+    script = " ".join(demo["command"])
+    assert "pip install" in script and "/src" in script
+    assert "sage-otel demo --metrics-port 9090" in script
+    assert repo_path_in(demo, PurePosixPath("/src/pyproject.toml")) == REPO / "pyproject.toml"
+
+    env = {key: str(value) for key, value in demo["environment"].items()}
+    assert env["OTEL_EXPORTER_PROMETHEUS_HOST"] == "0.0.0.0"
+    assert env["OTEL_SERVICE_NAME"]
+    # Traces-to-metrics maps service.name to the job label; the collector's remote write
+    # makes job "<namespace>/<name>" when service.namespace is set.
+    assert "service.namespace" not in env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    endpoint = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert (endpoint.scheme, endpoint.hostname, endpoint.port) == ("http", "otel-collector", 4318)
+    collector_env = services["otel-collector"]["environment"]
+    assert host_port(collector_env["OTLP_HTTP_ENDPOINT"])[1] == endpoint.port
+    assert env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == "http/protobuf"
+
+
+# --- Prometheus and Alertmanager ------------------------------------------------------------
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if not found:
+        missing("promtool is not installed (Debian's prometheus package; `make prometheus`)")
+    return found
+
+
+def test_promtool_accepts_the_config() -> None:
+    result = run([promtool(), "check", "config", str(PROMETHEUS_CONFIG)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_service_flags_and_mounts(services: dict[str, dict[str, Any]]) -> None:
+    prometheus = services["prometheus"]
+    flags = prometheus["command"]
+    assert "--web.enable-remote-write-receiver" in flags
+    assert "--enable-feature=exemplar-storage" in flags
+    config_flag = next(flag for flag in flags if flag.startswith("--config.file="))
+    config_path = PurePosixPath(config_flag.split("=", 1)[1])
+    assert repo_path_in(prometheus, config_path) == PROMETHEUS_CONFIG
+    # rule_files are relative to the config file: the alerts must be mounted beside it.
+    alerts_dir = repo_path_in(prometheus, config_path.parent / "alerts")
+    assert alerts_dir == PROMETHEUS_CONFIG.parent / "alerts"
+
+
+def test_prometheus_scrapes_the_agent_the_collector_and_itself(
+    prometheus_config: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    jobs = {job["job_name"]: job for job in prometheus_config["scrape_configs"]}
+    assert set(jobs) >= {"sage-agent", "otel-collector", "prometheus"}
+
+    def targets(job: str) -> list[str]:
+        return [t for group in jobs[job]["static_configs"] for t in group["targets"]]
+
+    assert jobs["sage-agent"].get("metrics_path", "/metrics") == "/metrics"
+    assert "sage-demo:9090" in targets("sage-agent")
+    collector_port = services["otel-collector"]["environment"]["COLLECTOR_METRICS_PORT"]
+    assert f"otel-collector:{collector_port}" in targets("otel-collector")
+    assert "localhost:9090" in targets("prometheus")
+    for job in jobs.values():
+        for target in (t for group in job["static_configs"] for t in group["targets"]):
+            host, _ = host_port(target)
+            assert host in services or host == "localhost", f"{job['job_name']}: {target}"
+
+
+def test_exemplars_are_scraped(prometheus_config: dict[str, Any]) -> None:
+    """Exemplars come only with OpenMetrics: a scrape_protocols override must keep it."""
+    blocks = [prometheus_config.get("global", {}), *prometheus_config["scrape_configs"]]
+    for block in blocks:
+        if "scrape_protocols" in block:
+            assert any(p.startswith("OpenMetricsText") for p in block["scrape_protocols"])
+
+
+def test_prometheus_rules_and_alertmanager(
+    prometheus_config: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    assert prometheus_config["rule_files"] == ["alerts/*.yml"]
+    targets = [
+        target
+        for manager in prometheus_config["alerting"]["alertmanagers"]
+        for group in manager["static_configs"]
+        for target in group["targets"]
+    ]
+    assert targets == ["alertmanager:9093"]
+    assert 9093 in container_ports(services["alertmanager"])
+
+
+def test_alertmanager_config_structure(services: dict[str, dict[str, Any]]) -> None:
+    config = load(ALERTMANAGER_CONFIG)
+    names = [receiver["name"] for receiver in config["receivers"]]
+    assert len(names) == len(set(names))
+
+    def walk(route: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        yield route
+        for child in route.get("routes", []):
+            yield from walk(child)
+
+    assert config["route"].get("receiver"), "the top-level route needs a receiver"
+    for route in walk(config["route"]):
+        if "receiver" in route:
+            assert route["receiver"] in names, f"unknown receiver {route['receiver']}"
+    alertmanager = services["alertmanager"]
+    config_flag = next(f for f in alertmanager["command"] if f.startswith("--config.file="))
+    mounted = repo_path_in(alertmanager, PurePosixPath(config_flag.split("=", 1)[1]))
+    assert mounted == ALERTMANAGER_CONFIG
+
+
+def test_amtool_accepts_the_config() -> None:
+    amtool = shutil.which("amtool")
+    if not amtool:
+        missing("amtool is not installed (run: make validators)")
+    result = run([amtool, "check-config", str(ALERTMANAGER_CONFIG)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Tempo ----------------------------------------------------------------------------------
+
+
+def test_tempo_receives_otlp_on_every_interface(tempo: dict[str, Any]) -> None:
+    protocols = tempo["distributor"]["receivers"]["otlp"]["protocols"]
+    assert host_port(protocols["grpc"]["endpoint"]) == ("0.0.0.0", 4317)
+    assert host_port(protocols["http"]["endpoint"]) == ("0.0.0.0", 4318)
+
+
+def test_tempo_stores_locally_on_its_volume(
+    tempo: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    volumes = {target for source, target in mounts(services["tempo"]) if not source.startswith(".")}
+    trace = tempo["storage"]["trace"]
+    assert trace["backend"] == "local"
+    paths = [
+        trace["wal"]["path"],
+        trace["local"]["path"],
+        tempo["metrics_generator"]["storage"]["path"],
+    ]
+    for path in map(PurePosixPath, paths):
+        assert any(volume in path.parents for volume in volumes), f"{path} is not on a volume"
+
+
+def test_tempo_generates_service_graphs_and_span_metrics_into_prometheus(
+    tempo: dict[str, Any], services: dict[str, dict[str, Any]], datasources: dict[str, Any]
+) -> None:
+    generator = tempo["overrides"]["defaults"]["metrics_generator"]
+    assert {"service-graphs", "span-metrics"} <= set(generator["processors"])
+    writes = tempo["metrics_generator"]["storage"]["remote_write"]
+    assert writes, "the metrics generator must remote-write somewhere"
+    for write in writes:
+        url = urlsplit(write["url"])
+        assert (url.hostname, url.port, url.path) == ("prometheus", 9090, "/api/v1/write")
+        assert write.get("send_exemplars") is True
+    assert "--web.enable-remote-write-receiver" in services["prometheus"]["command"]
+    # The generated histograms' exemplars use the label Grafana turns into trace links.
+    destinations = datasources["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    assert generator.get("trace_id_label_name", "traceID") in {d["name"] for d in destinations}
+
+
+def test_tempo_service_runs_this_config(
+    tempo: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    service = services["tempo"]
+    flag = next(arg for arg in service["command"] if arg.startswith("-config.file="))
+    assert repo_path_in(service, PurePosixPath(flag.split("=", 1)[1])) == TEMPO_CONFIG
+    assert tempo["server"]["http_listen_port"] in container_ports(service)
+
+
+# --- Grafana --------------------------------------------------------------------------------
+
+
+def test_grafana_datasources_point_at_the_stack(
+    datasources: dict[str, dict[str, Any]],
+    services: dict[str, dict[str, Any]],
+    tempo: dict[str, Any],
+) -> None:
+    expected = {
+        "prometheus": ("prometheus", "prometheus", 9090),
+        "tempo": ("tempo", "tempo", tempo["server"]["http_listen_port"]),
+    }
+    for uid, (kind, host, port) in expected.items():
+        source = datasources[uid]
+        url = urlsplit(source["url"])
+        assert source["type"] == kind
+        assert (url.hostname, url.port) == (host, port)
+    for source in datasources.values():
+        url = urlsplit(source["url"])
+        assert url.hostname in services, f"{source['name']}: {url.hostname} is no service"
+        assert url.port in container_ports(services[url.hostname]), source["name"]
+
+
+def test_exemplars_link_to_tempo(datasources: dict[str, dict[str, Any]]) -> None:
+    destinations = datasources["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    assert {"name": "trace_id", "datasourceUid": "tempo"} in destinations
+    for destination in destinations:
+        assert datasources[destination["datasourceUid"]]["type"] == "tempo"
+
+
+def test_tempo_links_to_sage_metrics_and_a_service_map(
+    datasources: dict[str, dict[str, Any]],
+) -> None:
+    settings = datasources["tempo"]["jsonData"]
+    traces_to_metrics = settings["tracesToMetrics"]
+    assert datasources[traces_to_metrics["datasourceUid"]]["type"] == "prometheus"
+    assert {"key": "service.name", "value": "job"} in traces_to_metrics["tags"]
+    queries = traces_to_metrics["queries"]
+    assert queries
+    for query in queries:
+        assert "$__tags" in query["query"], query["name"]
+        names = {
+            re.sub(r"_(bucket|sum|count)$", "", name)
+            for name in SAGE_METRIC.findall(query["query"])
+        }
+        assert names, f"{query['name']}: no SAGE metric"
+        assert names <= CATALOG_NAMES, f"{query['name']}: not in the catalog: {names}"
+    assert datasources[settings["serviceMap"]["datasourceUid"]]["type"] == "prometheus"
+    assert settings["nodeGraph"]["enabled"] is True
+    assert "tracesToLogs" not in settings and "tracesToLogsV2" not in settings
+
+
+def test_dashboards_use_provisioned_datasources(datasources: dict[str, dict[str, Any]]) -> None:
+    def referenced(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            reference = node.get("datasource")
+            if isinstance(reference, dict) and isinstance(reference.get("uid"), str):
+                yield reference["uid"]
+            if node.get("type") == "datasource" and isinstance(node.get("current"), dict):
+                yield str(node["current"].get("value", ""))
+            for value in node.values():
+                yield from referenced(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from referenced(value)
+
+    files = sorted(DASHBOARD_DIR.glob("*.json"))
+    assert files, f"no dashboards in {DASHBOARD_DIR.relative_to(REPO)}"
+    for file in files:
+        uids = set(referenced(json.loads(file.read_text(encoding="utf-8"))))
+        concrete = {uid for uid in uids if uid and not uid.startswith(("$", "-- "))}
+        assert concrete <= set(datasources), f"{file.name}: {concrete - set(datasources)}"
+
+
+def test_grafana_provisioning_is_mounted(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    assert repo_path_in(grafana, GRAFANA_PROVISIONING / "datasources" / DATASOURCES.name) == (
+        DATASOURCES
+    )
+    assert repo_path_in(
+        grafana, GRAFANA_PROVISIONING / "dashboards" / DASHBOARD_PROVIDERS.name
+    ) == (DASHBOARD_PROVIDERS)
+
+
+def test_dashboard_provider_reads_the_mounted_dashboards(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    document = load(DASHBOARD_PROVIDERS)
+    assert document["apiVersion"] == 1
+    grafana = services["grafana"]
+    providers = document["providers"]
+    assert providers
+    for provider in providers:
+        assert provider["type"] == "file"
+        path = PurePosixPath(provider["options"]["path"])
+        assert path == PurePosixPath("/var/lib/grafana/dashboards")
+        assert repo_path_in(grafana, path) == DASHBOARD_DIR
+    home = grafana["environment"].get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    if home:
+        shown = repo_path_in(grafana, PurePosixPath(home))
+        assert shown is not None and shown.is_file(), f"home dashboard {home} is not mounted"
