@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
 
 from . import services
+from .promql import alert_rules, measured
 from .services import COLLECTOR_CONFIG, Collector, Jaeger, Prometheus
 
 pytestmark = pytest.mark.e2e
@@ -92,7 +94,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with services.jaeger(tmp) as jaeger:
         env = services.collector_env(TEMPO_ENDPOINT=jaeger.otlp_grpc)
         collector_metrics = f"{env['COLLECTOR_METRICS_HOST']}:{env['COLLECTOR_METRICS_PORT']}"
-        with services.prometheus(tmp, {"otelcol": [collector_metrics]}) as prometheus:
+        with services.prometheus(tmp, {"otel-collector": [collector_metrics]}) as prometheus:
             env["PROMETHEUS_REMOTE_WRITE_URL"] = prometheus.remote_write_url
             with services.collector(COLLECTOR_CONFIG, env, log_dir=tmp) as collector:
                 started = time.time()
@@ -199,17 +201,7 @@ def test_exemplar_trace_ids_are_found_in_the_trace_backend(stack: Stack) -> None
 
 def test_otlp_grpc_receiver(stack: Stack) -> None:
     """The gRPC receiver takes spans as well (the demo above used HTTP)."""
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
-    provider = TracerProvider(resource=Resource.create({"service.name": "sage-e2e-grpc-probe"}))
-    exporter = OTLPSpanExporter(endpoint=stack.collector.otlp_grpc, insecure=True, timeout=10)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    with provider.get_tracer("e2e").start_as_current_span("sage.e2e.grpc-probe") as span:
-        trace_id = f"{span.get_span_context().trace_id:032x}"
-    provider.shutdown()
+    trace_id = _send_probe_span(stack.collector.otlp_grpc)
     trace = services.wait_for(
         lambda: stack.jaeger.find_trace(trace_id), what=f"gRPC-sent trace {trace_id}"
     )
@@ -219,7 +211,7 @@ def test_otlp_grpc_receiver(stack: Stack) -> None:
 def test_collector_reports_its_own_telemetry(stack: Stack) -> None:
     """Prometheus scrapes the collector's own /metrics: data accepted and sent, none refused."""
     prometheus = stack.prometheus
-    prometheus.wait_for('up{job="otelcol"} == 1')
+    prometheus.wait_for('up{job="otel-collector"} == 1')
     sent = prometheus.wait_for(
         'sum(otelcol_exporter_sent_metric_points{exporter="prometheus_remote_write"}) > 0'
     )
@@ -227,3 +219,51 @@ def test_collector_reports_its_own_telemetry(stack: Stack) -> None:
     prometheus.wait_for('sum(otelcol_exporter_sent_spans{exporter="otlp_grpc/tempo"}) > 0')
     failed = prometheus.query("sum(otelcol_exporter_send_failed_metric_points) or vector(0)")
     assert float(failed[0]["value"][1]) == 0, stack.collector.log()[-4000:]
+
+
+def test_collector_down_alert_measures_the_scraped_collector(stack: Stack) -> None:
+    expr = dict(alert_rules())["CollectorDown"]
+    stack.prometheus.query(expr)  # the whole expression parses and evaluates
+    up = stack.prometheus.wait_for(measured(expr))
+    assert float(up[0]["value"][1]) == 1
+
+
+def test_export_failures_alert_measures_a_failing_exporter(tmp_path: Path) -> None:
+    """A collector whose trace backend is gone: the failure series appear and the alert's
+    measurement turns positive. Retries are off in this copy of the config only, so the
+    failure is counted at once instead of after the exporter's five minutes of retrying."""
+    config = yaml.safe_load(COLLECTOR_CONFIG.read_text())
+    config["exporters"]["otlp_grpc/tempo"]["retry_on_failure"] = {"enabled": False}
+    failing_config = tmp_path / "otel-collector.yaml"
+    failing_config.write_text(yaml.safe_dump(config))
+    dead_backend = f"{services.LOOPBACK}:{services.free_port()}"  # nothing listens there
+    env = services.collector_env(TEMPO_ENDPOINT=dead_backend)
+    collector_metrics = f"{env['COLLECTOR_METRICS_HOST']}:{env['COLLECTOR_METRICS_PORT']}"
+    expr = dict(alert_rules())["TelemetryExportFailures"]
+    with services.prometheus(tmp_path, {"otel-collector": [collector_metrics]}) as prometheus:
+        env["PROMETHEUS_REMOTE_WRITE_URL"] = prometheus.remote_write_url
+        with services.collector(failing_config, env, log_dir=tmp_path) as collector:
+
+            def failing_now() -> list[dict]:
+                _send_probe_span(collector.otlp_grpc)  # keep failing: rate() needs an increase
+                return [s for s in prometheus.query(measured(expr)) if float(s["value"][1]) > 0]
+
+            measured_now = services.wait_for(failing_now, timeout=60, what="failed span exports")
+            prometheus.query(expr)  # the whole expression parses and evaluates
+    assert {s["metric"]["data_type"] for s in measured_now} == {"traces"}
+    assert {s["metric"]["exporter"] for s in measured_now} == {"otlp_grpc/tempo"}
+
+
+def _send_probe_span(endpoint: str) -> str:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({"service.name": "sage-e2e-grpc-probe"}))
+    exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=10)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("e2e").start_as_current_span("sage.e2e.grpc-probe") as span:
+        trace_id = f"{span.get_span_context().trace_id:032x}"
+    provider.shutdown()
+    return trace_id

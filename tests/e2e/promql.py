@@ -1,0 +1,63 @@
+"""What the e2e tests evaluate: the plan's queries, every dashboard query, every alert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+ALERTS = Path(__file__).resolve().parents[2] / "collector" / "prometheus" / "alerts"
+# Alerts on the collector's own telemetry: measured in test_collector.py, where one runs.
+COLLECTOR_ALERTS = frozenset({"TelemetryExportFailures", "CollectorDown"})
+_COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
+_SET_OPERATORS = (" and ", " or ", " unless ")
+
+
+def alert_rules() -> list[tuple[str, str]]:
+    """(alert name, expression) for every alert in every rule file."""
+    rules = []
+    for path in sorted(ALERTS.glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            rules.extend((r["alert"], r["expr"].strip()) for r in group["rules"] if "alert" in r)
+    return rules
+
+
+def _top_level(expr: str) -> list[int]:
+    """Indexes of characters outside (), {}, [] and string literals."""
+    depth, quote, out = 0, "", []
+    for i, char in enumerate(expr):
+        if quote:
+            if char == quote and expr[i - 1] != "\\":
+                quote = ""
+        elif char in "\"'`":
+            quote = char
+        elif char in "({[":
+            depth += 1
+        elif char in ")}]":
+            depth -= 1
+        elif depth == 0:
+            out.append(i)
+    return out
+
+
+def measured(expr: str) -> str:
+    """The part of an alert expression that measures, without its threshold.
+
+    ``A > 0.1`` gives ``A``; ``A > x and B > y`` gives ``A``; ``absent(m)`` gives ``m``.
+    With healthy traffic an alert's full expression is rightly empty; what must return data
+    is the measurement, proving that its names, labels and functions match real series.
+    """
+    expr = " ".join(expr.split())
+    positions = set(_top_level(expr))
+    for operator in _SET_OPERATORS:
+        index = next((i for i in sorted(positions) if expr.startswith(operator, i)), None)
+        if index is not None:
+            expr = expr[:index]
+            positions = set(_top_level(expr))
+    for i in sorted(positions, reverse=True):
+        for operator in _COMPARISONS:
+            if expr.startswith(operator, i) and i - 1 in positions:
+                return expr[:i].strip()
+    if expr.startswith("absent(") and expr.endswith(")"):
+        return expr[len("absent(") : -1]
+    return expr
