@@ -5,6 +5,8 @@
 # A cached binary is reused. Prints the binary's path; quiet otherwise unless it fails.
 # With --check it builds nothing: prints the path if the binary is there, else exits 3.
 set -euo pipefail
+# shellcheck source=scripts/go-cache.sh
+source "$(dirname "${BASH_SOURCE[0]}")/go-cache.sh"
 
 check=
 case "${1:-}" in
@@ -27,30 +29,11 @@ sha="$(sha256sum "$manifest" | cut -c1-12)"
 dir="$cache/otelcol-$release-$sha"
 bin="$dir/sage-otelcol"
 
-if [ -x "$bin" ]; then
-    echo "$bin"
-    exit 0
-fi
-if [ -n "$check" ]; then
-    echo "$(basename "$0"): $bin is not built (run: make collector)" >&2
-    exit 3
-fi
+cached_or_continue collector "$bin"
 
-if ! command -v go >/dev/null 2>&1; then
-    [ -x /usr/local/go/bin/go ] || die "Go is not installed (need go on PATH or /usr/local/go/bin/go)"
-    PATH="/usr/local/go/bin:$PATH"
-fi
-# -mod=mod lets ocb's generated module resolve its go.sum; the module and build caches
-# stay at their defaults (~/go/pkg/mod, ~/.cache/go-build) so later builds are warm.
-export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
+use_go
 
-mkdir -p "$cache"
-exec 9>"$cache/.otelcol.lock"
-flock 9
-if [ -x "$bin" ]; then # built by a concurrent run while we waited
-    echo "$bin"
-    exit 0
-fi
+lock_cache collector "$bin"
 
 ocb_dir="$cache/ocb-$release"
 ocb="$ocb_dir/builder"

@@ -6,6 +6,8 @@
 # A cached binary is reused. Prints the binary's path; quiet otherwise unless it fails.
 # With --check it builds nothing: prints the path if the binary is there, else exits 3.
 set -euo pipefail
+# shellcheck source=scripts/go-cache.sh
+source "$(dirname "${BASH_SOURCE[0]}")/go-cache.sh"
 
 check=
 case "${1:-}" in
@@ -21,29 +23,11 @@ bin="$dir/jaeger"
 
 die() { echo "build-jaeger: $*" >&2; exit 1; }
 
-if [ -x "$bin" ]; then
-    echo "$bin"
-    exit 0
-fi
-if [ -n "$check" ]; then
-    echo "$(basename "$0"): $bin is not built (run: make jaeger)" >&2
-    exit 3
-fi
+cached_or_continue jaeger "$bin"
 
-if ! command -v go >/dev/null 2>&1; then
-    [ -x /usr/local/go/bin/go ] || die "Go is not installed (need go on PATH or /usr/local/go/bin/go)"
-    PATH="/usr/local/go/bin:$PATH"
-fi
-# Module and build caches stay at their defaults (~/go/pkg/mod, ~/.cache/go-build).
-export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
+use_go
 
-mkdir -p "$cache"
-exec 9>"$cache/.jaeger.lock"
-flock 9
-if [ -x "$bin" ]; then # built by a concurrent run while we waited
-    echo "$bin"
-    exit 0
-fi
+lock_cache jaeger "$bin"
 
 work="$(mktemp -d "$cache/.jaeger-build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT

@@ -615,17 +615,18 @@ def _wrap_nonce_check(kit: _Kit):
     return wrapper
 
 
-def _wrap_send(kit: _Kit):
+def _client_call(kit: _Kit, name: str, attributes_of: Callable[[tuple, dict], dict]):
+    """A CLIENT span around one async call to the peer (its context travels via ``post``)."""
+
     async def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
-        conn, data = args[0], args[1]
-        attributes = {
-            "sage.session.id": conn.session.id,
-            "sage.message.type": "text" if isinstance(data, str) else "binary",
-            **_server_attributes(conn.base_url),
-        }
-        with kit.start("sage.message.send", SpanKind.CLIENT, attributes) as span:
+        try:
+            attributes = attributes_of(args, kwargs)
+        except Exception:
+            _log_once(name)
+            attributes = None
+        with kit.start(name, SpanKind.CLIENT, attributes) as span:
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -633,6 +634,20 @@ def _wrap_send(kit: _Kit):
                 raise
 
     return wrapper
+
+
+def _wrap_send(kit: _Kit):
+    """ClientAgent.send: one message out and its reply back."""
+
+    def attributes_of(args: tuple, kwargs: dict) -> dict:
+        conn, data = args[0], args[1]
+        return {
+            "sage.session.id": conn.session.id,
+            "sage.message.type": "text" if isinstance(data, str) else "binary",
+            **_server_attributes(conn.base_url),
+        }
+
+    return _client_call(kit, "sage.message.send", attributes_of)
 
 
 def _wrap_post(kit: _Kit):
@@ -654,19 +669,11 @@ def _wrap_post(kit: _Kit):
 def _wrap_close(kit: _Kit):
     """ClientAgent.close: the client side of a close request, so both sides share a trace."""
 
-    async def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
+    def attributes_of(args: tuple, kwargs: dict) -> dict:
         conn = args[0] if args else kwargs["conn"]
-        attributes = {"sage.session.id": conn.session.id, **_server_attributes(conn.base_url)}
-        with kit.start("sage.session.close_request", SpanKind.CLIENT, attributes) as span:
-            try:
-                return await wrapped(*args, **kwargs)
-            except Exception as exc:
-                _fail(span, exc)
-                raise
+        return {"sage.session.id": conn.session.id, **_server_attributes(conn.base_url)}
 
-    return wrapper
+    return _client_call(kit, "sage.session.close_request", attributes_of)
 
 
 _SERVER_SPANS = {

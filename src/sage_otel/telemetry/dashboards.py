@@ -266,29 +266,36 @@ def _variables() -> list[Any]:
         .description("The Prometheus data source holding SAGE metrics.")
         .type("prometheus")  # the builder's name for the data source plugin id ("query")
         .current(dashboard_models.VariableOption(text="Prometheus", value=DATASOURCE_UID)),
-        dashboard_builders.QueryVariable("job")
-        .label("Job")
-        .description("Prometheus job (scrape job, or service.name for OTLP-pushed metrics).")
-        .datasource(_datasource())
-        .query(f"label_values({anchor}, job)")
-        .refresh(dashboard_models.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(dashboard_models.VariableSort.ALPHABETICAL_ASC)
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
-        .current(dashboard_models.VariableOption(text="All", value="$__all")),
-        dashboard_builders.QueryVariable("instance")
-        .label("Instance")
-        .description("Agent instance within the selected jobs.")
-        .datasource(_datasource())
-        .query(f'label_values({anchor}{{job=~"$job"}}, instance)')
-        .refresh(dashboard_models.VariableRefresh.ON_TIME_RANGE_CHANGED)
-        .sort(dashboard_models.VariableSort.ALPHABETICAL_ASC)
-        .multi(True)
-        .include_all(True)
-        .all_value(".*")
-        .current(dashboard_models.VariableOption(text="All", value="$__all")),
+        _filter_variable(
+            "job",
+            "Job",
+            "Prometheus job (scrape job, or service.name for OTLP-pushed metrics).",
+            f"label_values({anchor}, job)",
+        ),
+        _filter_variable(
+            "instance",
+            "Instance",
+            "Agent instance within the selected jobs.",
+            f'label_values({anchor}{{job=~"$job"}}, instance)',
+        ),
     ]
+
+
+def _filter_variable(name: str, label: str, description: str, query: str) -> Any:
+    """A multi-value label filter whose "All" matches everything."""
+    return (
+        dashboard_builders.QueryVariable(name)
+        .label(label)
+        .description(description)
+        .datasource(_datasource())
+        .query(query)
+        .refresh(dashboard_models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dashboard_models.VariableSort.ALPHABETICAL_ASC)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .current(dashboard_models.VariableOption(text="All", value="$__all"))
+    )
 
 
 def _annotations() -> Any:
