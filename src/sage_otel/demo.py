@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -389,4 +389,4 @@ def main(config: DemoConfig, *, as_json: bool) -> int:
     return 0
 
 
-__all__ = ["DemoConfig", "DemoStats", "asdict", "main", "run_demo"]
+__all__ = ["DemoConfig", "DemoStats", "main", "run_demo"]

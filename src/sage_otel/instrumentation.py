@@ -54,7 +54,7 @@ from .agent import did, handshake, identity, message, session, transport
 from .agent.errors import CryptoError, PeerError, SageError, SignatureError, category_of
 from .agent.identity import CHAIN_ALIASES, DID
 from .telemetry.catalog import ALGORITHMS, CHAINS, HANDSHAKE_ERROR_TYPES, OTHER
-from .telemetry.meters import ApiMeters, Meters
+from .telemetry.meters import Meters
 
 _logger = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -769,10 +769,10 @@ class SageInstrumentor(BaseInstrumentor):
 
 
 def _unwrap(owner: object, name: str) -> None:
-    """Put back exactly what was there: for a classmethod, the classmethod object itself."""
+    """Put back exactly what the owner held, read from its own namespace (not a bound form)."""
     patched = vars(owner).get(name)
     if patched is not None and hasattr(patched, "__wrapped__"):
         setattr(owner, name, patched.__wrapped__)
 
 
-__all__ = ["ApiMeters", "SageInstrumentor", "error_type"]
+__all__ = ["SageInstrumentor", "error_type"]
