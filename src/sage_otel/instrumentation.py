@@ -615,18 +615,21 @@ def _wrap_nonce_check(kit: _Kit):
     return wrapper
 
 
-def _client_call(kit: _Kit, name: str, attributes_of: Callable[[tuple, dict], dict]):
-    """A CLIENT span around one async call to the peer (its context travels via ``post``)."""
+Describe = Callable[[tuple, dict], tuple[str, dict | None, Any]]  # -> name, attributes, parent
+
+
+def _span_around(kit: _Kit, kind: SpanKind, describe: Describe):
+    """One span around an async exchange with the peer; ``describe`` names it from the call."""
 
     async def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
         try:
-            attributes = attributes_of(args, kwargs)
+            name, attributes, parent = describe(args, kwargs)
         except Exception:
-            _log_once(name)
-            attributes = None
-        with kit.start(name, SpanKind.CLIENT, attributes) as span:
+            _log_once(f"describe {kind.name} span")
+            return await wrapped(*args, **kwargs)
+        with kit.start(name, kind, attributes, parent) as span:
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -637,17 +640,18 @@ def _client_call(kit: _Kit, name: str, attributes_of: Callable[[tuple, dict], di
 
 
 def _wrap_send(kit: _Kit):
-    """ClientAgent.send: one message out and its reply back."""
+    """ClientAgent.send: one message out and its reply back (CLIENT)."""
 
-    def attributes_of(args: tuple, kwargs: dict) -> dict:
+    def describe(args: tuple, kwargs: dict):
         conn, data = args[0], args[1]
-        return {
+        attributes = {
             "sage.session.id": conn.session.id,
             "sage.message.type": "text" if isinstance(data, str) else "binary",
             **_server_attributes(conn.base_url),
         }
+        return "sage.message.send", attributes, None
 
-    return _client_call(kit, "sage.message.send", attributes_of)
+    return _span_around(kit, SpanKind.CLIENT, describe)
 
 
 def _wrap_post(kit: _Kit):
@@ -669,11 +673,12 @@ def _wrap_post(kit: _Kit):
 def _wrap_close(kit: _Kit):
     """ClientAgent.close: the client side of a close request, so both sides share a trace."""
 
-    def attributes_of(args: tuple, kwargs: dict) -> dict:
+    def describe(args: tuple, kwargs: dict):
         conn = args[0] if args else kwargs["conn"]
-        return {"sage.session.id": conn.session.id, **_server_attributes(conn.base_url)}
+        attributes = {"sage.session.id": conn.session.id, **_server_attributes(conn.base_url)}
+        return "sage.session.close_request", attributes, None
 
-    return _client_call(kit, "sage.session.close_request", attributes_of)
+    return _span_around(kit, SpanKind.CLIENT, describe)
 
 
 _SERVER_SPANS = {
@@ -684,31 +689,24 @@ _SERVER_SPANS = {
 
 
 def _wrap_dispatch(kit: _Kit):
-    """ServerAgent.dispatch: the server span, continuing the caller's trace."""
+    """ServerAgent.dispatch: the SERVER span, continuing the caller's trace."""
 
-    async def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
-            return await wrapped(*args, **kwargs)
+    def describe(args: tuple, kwargs: dict):
         envelope = args[0] if args else kwargs["envelope"]
         try:
             parent = propagate.extract(envelope.headers)
         except Exception:
             _log_once("propagation.extract")
             parent = None
-        name = _SERVER_SPANS.get(envelope.task_id, "sage.receive")
-        attributes = {"sage.task": envelope.task_id if envelope.task_id in _SERVER_SPANS else OTHER}
+        known = envelope.task_id in _SERVER_SPANS
+        attributes = {"sage.task": envelope.task_id if known else OTHER}
         if envelope.task_id == handshake.TASK:
             attributes["sage.handshake.role"] = "server"
         elif envelope.context_id:
             attributes["sage.session.id"] = envelope.context_id[:64]
-        with kit.start(name, SpanKind.SERVER, attributes, parent) as span:
-            try:
-                return await wrapped(*args, **kwargs)
-            except Exception as exc:
-                _fail(span, exc)
-                raise
+        return _SERVER_SPANS.get(envelope.task_id, "sage.receive"), attributes, parent
 
-    return wrapper
+    return _span_around(kit, SpanKind.SERVER, describe)
 
 
 # --- the instrumentor ---------------------------------------------------------------------
