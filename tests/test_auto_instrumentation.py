@@ -21,6 +21,7 @@ import pytest
 
 from sage_otel.instrumentation import SageInstrumentor
 from sage_otel.telemetry.catalog import INSTRUMENTS
+from support import running
 
 BIN = Path(sys.executable).parent
 EXPECTED_SPANS = {
@@ -59,21 +60,6 @@ def json_objects(text: str) -> Iterator[Any]:
             continue
         yield value
         position = end
-
-
-@contextlib.contextmanager
-def running(argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    """A subprocess that is always killed (and reaped) when the block ends."""
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(Exception):
-            proc.communicate(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,11 @@ hand-built OTel metric data.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -49,6 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from sage_otel.telemetry import exposition
 from sage_otel.telemetry.catalog import INSTRUMENTS, OTHER
+from support import fetch, free_port, running
 
 # --- the contract: monitoring plan §2.1 ------------------------------------------------------
 
@@ -154,22 +152,6 @@ def test_catalog_buckets_follow_the_plan_formulas(name: str) -> None:
 # --- the live demo --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def fetch(url: str, accept: str | None = None, timeout: float = 5.0) -> tuple[str, str]:
-    """GET ``url`` (never through a proxy); returns (content type, body)."""
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with _NO_PROXY.open(request, timeout=timeout) as answer:
-        return answer.headers.get("Content-Type", ""), answer.read().decode()
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
@@ -178,21 +160,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     }
     env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
     return env
-
-
-@contextlib.contextmanager
-def running(argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    """A subprocess that is always killed (and reaped) when the block ends."""
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(Exception):
-            proc.communicate(timeout=10)
 
 
 def sample_value(families: dict[str, Any], name: str, **labels: str) -> float:

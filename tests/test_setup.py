@@ -13,8 +13,6 @@ import socket
 import statistics
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +43,7 @@ from sage_otel.agent.transport import ClientAgent, ServerAgent
 from sage_otel.telemetry import setup
 from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
 from sage_otel.telemetry.setup import Telemetry
+from support import fetch, free_port
 
 SAGE_METRIC_NAMES = {instrument.name for instrument in INSTRUMENTS}
 HISTOGRAM_NAMES = {i.name for i in INSTRUMENTS if i.kind is Kind.HISTOGRAM}
@@ -65,20 +64,8 @@ EXCHANGE_SPANS = {
 # --- helpers --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def fetch(url: str, accept: str | None = None, timeout: float = 5.0) -> str:
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with _NO_PROXY.open(request, timeout=timeout) as answer:
-        return answer.read().decode()
+def body_of(url: str, accept: str | None = None) -> str:
+    return fetch(url, accept)[1]
 
 
 def metrics_url(telemetry: Telemetry) -> str:
@@ -272,7 +259,7 @@ def test_prometheus_port_and_host_from_environment(
     monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "localhost")
     telemetry = configure(metrics_port=None)
     assert telemetry.metrics_address == ("localhost", port)
-    assert "sage_sessions_created_total" in fetch(f"http://localhost:{port}/metrics")
+    assert "sage_sessions_created_total" in body_of(f"http://localhost:{port}/metrics")
 
 
 def test_prometheus_port_from_environment_on_default_host(
@@ -282,7 +269,7 @@ def test_prometheus_port_from_environment_on_default_host(
     monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", str(port))
     telemetry = configure(metrics_port=None)
     assert telemetry.metrics_address == ("127.0.0.1", port)
-    assert "sage_sessions_created_total" in fetch(metrics_url(telemetry))
+    assert "sage_sessions_created_total" in body_of(metrics_url(telemetry))
 
 
 def test_explicit_metrics_port_wins_over_environment(
@@ -300,7 +287,7 @@ def test_metrics_port_zero_picks_a_free_port(configure: ConfigureFn) -> None:
     host, port = telemetry.metrics_address
     assert host == "127.0.0.1"
     assert 0 < port < 65536
-    body = fetch(metrics_url(telemetry))
+    body = body_of(metrics_url(telemetry))
     assert "sage_sessions_created_total" in body
     assert "process_cpu_seconds_total" in body
 
@@ -348,7 +335,7 @@ async def test_always_off_sampler(configure: ConfigureFn, monkeypatch: pytest.Mo
     await loopback_exchange(messages=4)
     assert exporter.get_finished_spans() == ()
     # Metrics are still recorded, but no exemplar can point at an unsampled trace.
-    families = {f.name: f for f in parse_openmetrics(fetch(metrics_url(telemetry), OPENMETRICS))}
+    families = {f.name: f for f in parse_openmetrics(body_of(metrics_url(telemetry), OPENMETRICS))}
     processed = [
         s for s in families["sage_messages_processed"].samples if s.labels["status"] == "success"
     ]
@@ -375,7 +362,7 @@ async def test_shutdown_flushes_and_stops_the_metrics_server(
     )
     assert telemetry.metrics_address is not None
     host, port = telemetry.metrics_address
-    assert "sage_" in fetch(metrics_url(telemetry))
+    assert "sage_" in body_of(metrics_url(telemetry))
     await loopback_exchange(messages=3)
     assert spans.get_finished_spans() == ()
 

@@ -25,11 +25,12 @@ from typing import Any, NoReturn, TypeVar
 
 import pytest
 
+from support import LOOPBACK, free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 COLLECTOR_CONFIG = REPO / "collector" / "otel-collector.yaml"
 JAEGER_CONFIG = Path(__file__).with_name("jaeger-test.yaml")
-LOOPBACK = "127.0.0.1"
 
 T = TypeVar("T")
 
@@ -68,13 +69,6 @@ def binary(name: str) -> str:
         detail = result.stderr.strip() or f"scripts/{script} --check exited {result.returncode}"
         missing(f"{name} is not available ({detail}); `make e2e-prereqs` provides it")
     return paths[line]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def loopback(port: int | None = None) -> str:
