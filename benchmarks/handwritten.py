@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sage_otel.agent import did, handshake, identity, message, session
 from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
+from sage_otel.telemetry.meters import create_instruments
 
 Observe = Callable[[str, dict[str, str], float], None]
 
@@ -57,21 +58,7 @@ class NaiveOtelBackend:
     def __init__(self) -> None:
         self.reader = InMemoryMetricReader()
         self.provider = MeterProvider(metric_readers=[self.reader])
-        meter = self.provider.get_meter("naive")
-        self.metrics: dict[str, Any] = {}
-        for spec in INSTRUMENTS:
-            if spec.kind is Kind.HISTOGRAM:
-                metric = meter.create_histogram(
-                    spec.name,
-                    spec.unit,
-                    spec.description,
-                    explicit_bucket_boundaries_advisory=list(spec.buckets),
-                )
-            elif spec.kind is Kind.COUNTER:
-                metric = meter.create_counter(spec.name, spec.unit, spec.description)
-            else:
-                metric = meter.create_up_down_counter(spec.name, spec.unit, spec.description)
-            self.metrics[spec.key] = metric
+        self.metrics = create_instruments(self.provider.get_meter("naive"))
 
     def observe(self, key: str, labels: dict[str, str], value: float) -> None:
         self.metrics[key].record(value, labels)

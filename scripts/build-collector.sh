@@ -8,16 +8,10 @@ set -euo pipefail
 # shellcheck source=scripts/go-cache.sh
 source "$(dirname "${BASH_SOURCE[0]}")/go-cache.sh"
 
-check=
-case "${1:-}" in
-    --check) check=1 ;;
-    "") ;;
-    *) echo "usage: $0 [--check]" >&2; exit 2 ;;
-esac
+parse_check_flag "$@"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 manifest="$root/collector/builder-config.yaml"
-cache="${SAGE_OTEL_CACHE:-$HOME/.cache/sage-otel}"
 
 die() { echo "build-collector: $*" >&2; exit 1; }
 

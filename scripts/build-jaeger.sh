@@ -9,15 +9,9 @@ set -euo pipefail
 # shellcheck source=scripts/go-cache.sh
 source "$(dirname "${BASH_SOURCE[0]}")/go-cache.sh"
 
-check=
-case "${1:-}" in
-    --check) check=1 ;;
-    "") ;;
-    *) echo "usage: $0 [--check]" >&2; exit 2 ;;
-esac
+parse_check_flag "$@"
 
 version="${JAEGER_VERSION:-v1.76.0}"
-cache="${SAGE_OTEL_CACHE:-$HOME/.cache/sage-otel}"
 dir="$cache/jaeger-$version"
 bin="$dir/jaeger"
 

@@ -1,9 +1,21 @@
 # Shared by the build-*.sh scripts (sourced, not run): a Go build cached outside the repo.
+#   parse_check_flag "$@"         sets check=1 for --check (build nothing), rejects the rest
 #   cached_or_continue NAME BIN   prints BIN and exits if it is built; with --check, exits 3
 #                                 if it is not; otherwise returns so the caller builds it
 #   use_go                        puts Go on PATH and keeps module/build caches at defaults
 #   lock_cache NAME               serializes concurrent builds of NAME; exits if one finished
-# The caller sets: check (1 for --check), cache (the cache directory), die().
+# The caller defines die(). The cache directory is $cache.
+
+cache="${SAGE_OTEL_CACHE:-$HOME/.cache/sage-otel}"
+
+parse_check_flag() {
+    check=
+    case "${1:-}" in
+        --check) check=1 ;;
+        "") ;;
+        *) echo "usage: $0 [--check]" >&2; exit 2 ;;
+    esac
+}
 
 cached_or_continue() {
     if [ -x "$2" ]; then

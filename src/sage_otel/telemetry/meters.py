@@ -14,9 +14,9 @@ Two implementations, one behaviour:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-from opentelemetry.metrics import MeterProvider, get_meter_provider
+from opentelemetry.metrics import Meter, MeterProvider, get_meter_provider
 
 from .. import __version__
 from .catalog import BY_KEY, INSTRUMENTS, Kind
@@ -79,30 +79,38 @@ class _ApiHistogram:
         self._record(value, self._attributes)
 
 
+def create_instruments(meter: Meter) -> dict[str, Any]:
+    """Every catalog instrument on ``meter`` (explicit buckets, never the SDK's defaults)."""
+    instruments: dict[str, Any] = {}
+    for spec in INSTRUMENTS:
+        if spec.kind is Kind.HISTOGRAM:
+            instruments[spec.key] = meter.create_histogram(
+                spec.name,
+                spec.unit,
+                spec.description,
+                explicit_bucket_boundaries_advisory=list(spec.buckets),
+            )
+        elif spec.kind is Kind.COUNTER:
+            instruments[spec.key] = meter.create_counter(spec.name, spec.unit, spec.description)
+        else:
+            instruments[spec.key] = meter.create_up_down_counter(
+                spec.name, spec.unit, spec.description
+            )
+    return instruments
+
+
 class ApiMeters:
     """Catalog instruments created on an OpenTelemetry Meter, counters pre-seeded at zero."""
 
     def __init__(self, meter_provider: MeterProvider | None = None) -> None:
         meter = (meter_provider or get_meter_provider()).get_meter("sage_otel", __version__)
-        self._instruments = {}
+        self._instruments = create_instruments(meter)
         for spec in INSTRUMENTS:
-            if spec.kind is Kind.HISTOGRAM:
-                created = meter.create_histogram(
-                    spec.name,
-                    spec.unit,
-                    spec.description,
-                    explicit_bucket_boundaries_advisory=list(spec.buckets),
-                )
-            elif spec.kind is Kind.COUNTER:
-                created = meter.create_counter(spec.name, spec.unit, spec.description)
-            else:
-                created = meter.create_up_down_counter(spec.name, spec.unit, spec.description)
-            self._instruments[spec.key] = created
             if spec.kind is not Kind.HISTOGRAM:
                 # Adding zero creates the series, so rate() and ratios work from the first
                 # scrape. The API has no way to pre-create an empty histogram series.
                 for labels in spec.label_sets():
-                    created.add(0, labels)
+                    self._instruments[spec.key].add(0, labels)
 
     def _attributes(self, key: str, labels: dict[str, str]) -> dict[str, str]:
         spec = BY_KEY[key]
