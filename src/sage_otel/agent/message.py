@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
+from functools import cached_property
 
 from .encoding import b64url, format_rfc3339, from_b64std, from_b64url, parse_rfc3339
 from .errors import (
@@ -57,7 +58,7 @@ class SecureMessage:
     ciphertext: bytes
     signature: bytes
 
-    @property
+    @cached_property  # needed by the metadata, the signature base and the parser alike
     def content_digest(self) -> str:
         return (
             "sha-256=:" + base64.b64encode(hashlib.sha256(self.ciphertext).digest()).decode() + ":"
@@ -132,6 +133,11 @@ def signature_base(message: SecureMessage, method: str, path: str) -> bytes:
         f'"sage-timestamp": {message.timestamp_ns}\n'
         f'"@signature-params": {signature_params(message)[5:]}'
     ).encode()
+
+
+def _nonce_key(message: SecureMessage) -> bytes:
+    """Nonces are unique per session: the cache key binds the two."""
+    return message.session_id.encode() + message.nonce
 
 
 def _aad(session_id: str, seq: int, nonce: bytes, mtype: MessageType) -> bytes:
@@ -227,10 +233,8 @@ class MessageValidator:
         self.clock = clock
 
     def validate_nonce(self, message: SecureMessage) -> NonceStatus:
-        """Nonce freshness, its own step so that it can be observed and counted."""
-        return self.nonces.check(
-            message.session_id.encode() + message.nonce, message.timestamp_ns / 1e9
-        )
+        """Whether ``message``'s nonce is fresh, without marking it seen."""
+        return self.nonces.check(_nonce_key(message), message.timestamp_ns / 1e9)
 
     def open_wire(
         self,
@@ -258,16 +262,18 @@ class MessageValidator:
         path: str = "/messages",
     ) -> str | bytes:
         session.verify(signature_base(message, method, path), message.signature)
-        if abs(message.timestamp_ns / 1e9 - self.clock()) > self.tolerance:
+        sent_at = message.timestamp_ns / 1e9
+        if abs(sent_at - self.clock()) > self.tolerance:
             raise TimestampSkewError("timestamp outside tolerance")
-        status = self.validate_nonce(message)
+        key = _nonce_key(message)
+        status = self.nonces.check(key, sent_at)
         if status is NonceStatus.INVALID:
             raise ReplayError("nonce already seen")
         if status is NonceStatus.EXPIRED:
             raise TimestampSkewError("nonce window expired", code="nonce_expired")
         if message.seq <= session.last_recv_seq:
             raise SequenceError("sequence number not increasing")
-        self.nonces.mark(message.session_id.encode() + message.nonce, message.timestamp_ns / 1e9)
+        self.nonces.mark(key, sent_at)
         session.last_recv_seq = message.seq
         session.note_received()
         plaintext = session.decrypt(
