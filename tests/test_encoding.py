@@ -65,8 +65,10 @@ def test_base64_decoders_only_raise_invalid_message(text: str) -> None:
 
 
 def test_format_rfc3339_known_values() -> None:
-    assert format_rfc3339(0) == "1970-01-01T00:00:00.000000000Z"
+    # Go's time.RFC3339Nano: trailing zeros of the fraction dropped, then the fraction
+    assert format_rfc3339(0) == "1970-01-01T00:00:00Z"
     assert format_rfc3339(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456789Z"
+    assert format_rfc3339(1_700_000_000_120_000_000) == "2023-11-14T22:13:20.12Z"
 
 
 def test_format_rfc3339_defaults_to_now() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -26,6 +27,7 @@ from sage_otel.agent.handshake import (
     Initiator,
     PendingHandshake,
     Responder,
+    answer_signed_bytes,
 )
 from sage_otel.agent.identity import AgentIdentity, Chain
 from sage_otel.agent.keyschedule import (
@@ -41,10 +43,6 @@ from sage_otel.agent.message import MessageValidator, NonceCache, seal
 from sage_otel.agent.session import Role, SessionManager
 
 NewAgent = Callable[..., Awaitable[AgentIdentity]]
-
-
-def canonical(obj: dict[str, str]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def sha256_b64(data: str) -> str:
@@ -88,7 +86,8 @@ class Peers:
 
     def resign_response(self, response: dict[str, str], signer: AgentIdentity | None = None):
         body = {k: v for k, v in response.items() if k != "sigB64"}
-        body["sigB64"] = b64url((signer or self.bob).signing_key.sign(canonical(body)))
+        signed = answer_signed_bytes(body)
+        body["sigB64"] = b64url((signer or self.bob).signing_key.sign(signed))
         return body
 
 
@@ -139,11 +138,23 @@ async def test_request_fields_and_session_id_follow_the_key_schedule(peers: Peer
     pending = peers.initiator.init(peers.bob_doc(), "ctx-fixed")
     fields = json.loads(pending.request.payload)
     alice, bob = str(peers.alice.did), str(peers.bob.did)
-    assert set(fields) == {"initDid", "respDid", "info", "exportCtx", "nonce", "ts", "enc", "ephC"}
+    assert set(fields) == {
+        "initDid",
+        "respDid",
+        "info",
+        "exportCtx",
+        "nonce",
+        "ts",
+        "enc",
+        "ephC",
+        "profile",
+    }
+    assert fields["profile"] == "native"  # announced inside the signature
+    assert list(fields) == sorted(fields)  # the reference marshals a map: keys sorted
     assert fields["initDid"] == alice and fields["respDid"] == bob
     assert fields["info"].encode() == build_info("ctx-fixed", alice, bob)
     assert fields["exportCtx"].encode() == build_export_ctx("ctx-fixed")
-    assert len(from_b64url(fields["nonce"])) == 16
+    assert uuid.UUID(fields["nonce"]).version == 4  # the reference's nonce is a UUIDv4
     assert abs(parse_rfc3339(fields["ts"]) / 1e9 - time.time()) < 5
     peers.alice.signing_key.verify(pending.request.payload, pending.request.signature)
 
@@ -169,7 +180,23 @@ async def test_request_fields_and_session_id_follow_the_key_schedule(peers: Peer
     assert response["infoHash"] == sha256_b64(fields["info"])
     assert response["exportCtxHash"] == sha256_b64(fields["exportCtx"])
     body = {k: v for k, v in response.items() if k != "sigB64"}
-    peers.bob.signing_key.verify(canonical(body), from_b64url(response["sigB64"]))
+    # Signed over the reference's struct order, written out here independently.
+    order = [
+        "v",
+        "task",
+        "ctx",
+        "kid",
+        "ephS",
+        "ackTagB64",
+        "ts",
+        "did",
+        "infoHash",
+        "exportCtxHash",
+        "enc",
+        "ephC",
+    ]
+    signed = json.dumps({k: body[k] for k in order}, separators=(",", ":")).encode()
+    peers.bob.signing_key.verify(signed, from_b64url(response["sigB64"]))
 
     assert peers.initiator.finalize(pending, response).id == session_id(seed)
 
@@ -342,12 +369,21 @@ async def test_non_object_payload_is_refused(peers: Peers, payload: bytes) -> No
 
 
 @pytest.mark.parametrize("field", ["enc", "ephC"])
-@pytest.mark.parametrize("bad", [bytes(32), bytes(31), b"\x01" + bytes(31)])
-async def test_low_order_or_short_keys_are_refused(peers: Peers, field: str, bad: bytes) -> None:
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (bytes(32), CryptoError),
+        (b"\x01" + bytes(31), CryptoError),
+        (bytes(31), InvalidMessageError),
+    ],
+)
+async def test_low_order_or_short_keys_are_refused(
+    peers: Peers, field: str, bad: bytes, error: type[Exception]
+) -> None:
     pending = peers.init()
     fields = dict(pending.fields, **{field: b64url(bad)})
     payload, signature = peers.resign_request(fields)
-    with pytest.raises(CryptoError):
+    with pytest.raises(error):
         await peers.process(pending, payload=payload, signature=signature)
     assert peers.bob_sessions.active_count == 0
 

@@ -101,7 +101,8 @@ def test_wire_form_round_trip_and_metadata(link: Link) -> None:
     assert base64.b64decode(wire["payload"]) == message.ciphertext
     digest = base64.b64encode(hashlib.sha256(message.ciphertext).digest()).decode()
     assert meta["content-digest"] == f"sha-256=:{digest}:"
-    assert meta["seq"] == 1 and meta["type"] == "text"
+    assert meta["seq"] == "1" and meta["type"] == "text"
+    assert all(isinstance(value, str) for value in meta.values())  # as the reference requires
     assert meta["nonce"] == b64url(message.nonce) and len(message.nonce) == 16
     assert meta["timestamp"] == format_rfc3339(link.clock.ns)
     assert f"created={int(link.clock.now)}" in meta["signature-input"]
@@ -255,14 +256,17 @@ def test_session_limit_applies_to_received_messages(clock) -> None:
         ("", {"seq": 0}, "bad_metadata"),
         ("", {"seq": -1}, "bad_metadata"),
         ("", {"seq": True}, "bad_metadata"),
-        ("", {"seq": "1"}, "bad_metadata"),
-        ("", {"seq": 1.0}, "bad_metadata"),
-        ("", {"seq": 2**63}, "bad_metadata"),
-        ("", {"seq": 1, "nonce": b64url(bytes(15))}, "bad_metadata"),
-        ("", {"seq": 1, "nonce": "!!!"}, "bad_base64"),
-        ("", {"seq": 1, "nonce": b64url(bytes(16)) + "\n"}, "bad_base64"),
-        ("", {"seq": 1, "nonce": b64url(bytes(16)), "type": "video"}, "bad_metadata"),
-        ("", {"seq": 1, "nonce": b64url(bytes(16)), "type": ["text"]}, "bad_metadata"),
+        ("", {"seq": 1}, "bad_metadata"),
+        ("", {"seq": "0"}, "bad_metadata"),
+        ("", {"seq": "01"}, "bad_metadata"),
+        ("", {"seq": "-1"}, "bad_metadata"),
+        ("", {"seq": "1.0"}, "bad_metadata"),
+        ("", {"seq": "9" * 19}, "bad_metadata"),
+        ("", {"seq": "1", "nonce": b64url(bytes(15))}, "bad_metadata"),
+        ("", {"seq": "1", "nonce": "!!!"}, "bad_base64"),
+        ("", {"seq": "1", "nonce": b64url(bytes(16)) + "\n"}, "bad_base64"),
+        ("", {"seq": "1", "nonce": b64url(bytes(16)), "type": "video"}, "bad_metadata"),
+        ("", {"seq": "1", "nonce": b64url(bytes(16)), "type": ["text"]}, "bad_metadata"),
     ],
 )
 def test_from_wire_rejects_malformed_metadata(payload, metadata, code: str) -> None:

@@ -22,10 +22,11 @@ import secrets as random
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import coincurve
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -37,7 +38,6 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from sage_otel.agent import handshake, hpke, transport
 from sage_otel.agent import session as session_module
-from sage_otel.agent.encoding import from_b64url
 from sage_otel.agent.errors import PeerError
 from sage_otel.agent.identity import AgentIdentity, Chain
 from sage_otel.agent.message import signature_base
@@ -90,15 +90,9 @@ class Secrets:
             )
             self.add("ed25519 identity private key", raw)
         else:
-            assert isinstance(private, ec.EllipticCurvePrivateKey)
-            scalar = private.private_numbers().private_value.to_bytes(32, "big")
-            self.add("secp256k1 identity private key", scalar)
-            der = private.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            self.add("secp256k1 identity private key (PKCS8)", der)
+            assert isinstance(private, coincurve.PrivateKey)
+            self.add("secp256k1 identity private key", private.secret)
+            self.add("secp256k1 identity private key (DER)", private.to_der())
         self.add("KEM private key", agent.kem.private)
 
 
@@ -129,14 +123,13 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Secrets:
 
     monkeypatch.setattr(session_module, "directional_keys", keys_spy)
 
-    generate_key_pair = hpke.generate_key_pair
+    public_key = hpke.public_key
 
-    def ephemeral_spy() -> tuple[bytes, bytes]:
-        private, public = generate_key_pair()
+    def ephemeral_spy(private: bytes) -> bytes:
         found.add("ephemeral X25519 private key", private)
-        return private, public
+        return public_key(private)
 
-    monkeypatch.setattr(hpke, "generate_key_pair", ephemeral_spy)
+    monkeypatch.setattr(hpke, "public_key", ephemeral_spy)
 
     dh = hpke._dh
 
@@ -161,9 +154,11 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Secrets:
 
     init = handshake.Initiator.init
 
-    def init_spy(self: handshake.Initiator, peer: Any, ctx_id: str | None = None) -> Any:
-        pending = init(self, peer, ctx_id)
-        found.add("handshake nonce", from_b64url(pending.fields["nonce"]))
+    def init_spy(
+        self: handshake.Initiator, peer: Any, ctx_id: str | None = None, **kwargs: Any
+    ) -> Any:
+        pending = init(self, peer, ctx_id, **kwargs)
+        found.add("handshake nonce", pending.fields["nonce"].encode())
         found.add("initiator ephemeral private key", pending.eph_c_private)
         found.add("initiator exported secret", pending.exporter)
         return pending

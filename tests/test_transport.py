@@ -284,7 +284,7 @@ async def test_sessions_are_isolated_between_clients(
     forged["context_id"] = conn_a.session.id
     with pytest.raises(PeerError) as info:
         await bob.post(url, forged)
-    assert info.value.http_status == 401
+    assert info.value.code == "wrong_peer" and info.value.http_status == 400
     assert await alice.send(conn_a, "mine") == "mine"
     assert await bob.send(conn_b, "mine too") == "mine too"
 

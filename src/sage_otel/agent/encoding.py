@@ -44,11 +44,13 @@ _RFC3339 = re.compile(
 
 
 def format_rfc3339(ns: int | None = None) -> str:
-    """UTC RFC 3339 with nanoseconds, the form the Go reference writes."""
+    """UTC RFC 3339 as Go's ``time.RFC3339Nano`` writes it: trailing zeros of the fraction
+    dropped, and the fraction with them when it is zero."""
     ns = time.time_ns() if ns is None else ns
     secs, frac = divmod(ns, 1_000_000_000)
     stamp = datetime.fromtimestamp(secs, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{frac:09d}Z"
+    fraction = f"{frac:09d}".rstrip("0")
+    return f"{stamp}.{fraction}Z" if fraction else f"{stamp}Z"
 
 
 def parse_rfc3339(text: object, field: str = "timestamp") -> int:

@@ -141,3 +141,32 @@ def category_of(exc: BaseException) -> ErrorCategory:
     if isinstance(exc, (ConnectionError, OSError)):
         return ErrorCategory.NETWORK
     return ErrorCategory.INTERNAL
+
+
+# The SAGE Go reference answers every failure with free text and no code. These prefixes
+# are its handshake server's and transport's texts (v1.5.2); anything else is ``peer_error``.
+_GO_ERROR_TEXTS = (
+    ("signature verification failed", "bad_signature", ErrorCategory.SIGNATURE),
+    ("authentication failed", "did_mismatch", ErrorCategory.SIGNATURE),
+    ("cannot resolve sender pubkey", "unknown_did", ErrorCategory.UNKNOWN_DID),
+    ("replay detected", "handshake_replay", ErrorCategory.REPLAY),
+    ("ts out of window", "timestamp_skew", ErrorCategory.INVALID),
+    ("info mismatch", "bad_handshake", ErrorCategory.INVALID),
+    ("exportCtx mismatch", "bad_handshake", ErrorCategory.INVALID),
+    ("parse payload", "bad_handshake", ErrorCategory.INVALID),
+    ("hpke open", "crypto_failure", ErrorCategory.CRYPTO),
+    ("invalid ECDH", "crypto_failure", ErrorCategory.CRYPTO),
+    ("unsupported task", "unknown_task", ErrorCategory.INVALID),
+    ("payload is required", "missing_field", ErrorCategory.INVALID),
+    ("invalid JSON", "malformed_json", ErrorCategory.INVALID),
+)
+
+
+def peer_error_from_text(text: str, http_status: int) -> PeerError:
+    """A typed error for a peer that answered only with text (the Go reference's shape)."""
+    for prefix, code, category in _GO_ERROR_TEXTS:
+        if text.startswith(prefix):
+            return PeerError(
+                text[:200], code=code, category=category.value, http_status=http_status
+            )
+    return PeerError(text[:200], code="peer_error", category="internal", http_status=http_status)

@@ -17,16 +17,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from . import hpke
+from .canonical import go_json
 from .did import DIDDocument, DIDResolver
 from .encoding import b64url, format_rfc3339, from_b64url, parse_rfc3339
+from .entropy import SYSTEM, Entropy
 from .errors import InvalidMessageError, ReplayError, SignatureError, TimestampSkewError
-from .identity import AgentIdentity, new_kid
+from .identity import AgentIdentity, parse_did
 from .keyschedule import (
     ack_tag,
     build_export_ctx,
@@ -37,17 +37,35 @@ from .keyschedule import (
     x25519_e2e,
 )
 from .message import NonceCache, NonceStatus
-from .session import Role, Session, SessionManager
+from .session import PeerProfile, Role, Session, SessionManager
 
 TASK = "hpke/complete@v1"
 VERSION = "v1"
 HANDSHAKE_SKEW = 120.0
 HANDSHAKE_REPLAY_TTL = 600.0
+MAX_FIELD_BYTES = 1024  # ctx, nonce and kid travel with 16-bit length prefixes in the ackTag
 _REQUEST_FIELDS = ("initDid", "respDid", "info", "exportCtx", "nonce", "ts", "enc", "ephC")
+# The answer is signed over the reference's struct (serverSigEnvelope) in this field order.
+ANSWER_FIELDS = (
+    "v",
+    "task",
+    "ctx",
+    "kid",
+    "ephS",
+    "ackTagB64",
+    "ts",
+    "did",
+    "infoHash",
+    "exportCtxHash",
+    "enc",
+    "ephC",
+)
+PROFILE_FIELD = "profile"
 
 
-def _canonical(obj: dict[str, str]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+def answer_signed_bytes(answer: dict[str, str]) -> bytes:
+    """The exact bytes a responder signs: the twelve fields in the reference's order."""
+    return go_json({key: answer[key] for key in ANSWER_FIELDS})
 
 
 def _sha256_b64(data: bytes) -> str:
@@ -81,6 +99,7 @@ class PendingHandshake:
     request: HandshakeRequest
     peer: DIDDocument
     fields: dict[str, str]
+    profile: PeerProfile
     exporter: bytes = field(repr=False)
     eph_c_private: bytes = field(repr=False)
 
@@ -89,33 +108,48 @@ class PendingHandshake:
 
 
 class Initiator:
-    def __init__(self, identity: AgentIdentity, sessions: SessionManager) -> None:
+    def __init__(
+        self, identity: AgentIdentity, sessions: SessionManager, entropy: Entropy = SYSTEM
+    ) -> None:
         self.identity = identity
         self.sessions = sessions
+        self.entropy = entropy
 
-    def init(self, peer: DIDDocument, ctx_id: str | None = None) -> PendingHandshake:
-        ctx_id = ctx_id or f"ctx-{uuid.uuid4()}"
+    def init(
+        self,
+        peer: DIDDocument,
+        ctx_id: str | None = None,
+        *,
+        profile: PeerProfile = PeerProfile.NATIVE,
+    ) -> PendingHandshake:
+        """Build and sign the request; randomness is read in the reference's order."""
+        entropy = self.entropy
+        ctx_id = ctx_id or f"ctx-{entropy.uuid4()}"
         init_did, resp_did = str(self.identity.did), str(peer.did)
         info = build_info(ctx_id, init_did, resp_did)
         export_ctx = build_export_ctx(ctx_id)
-        enc, context = hpke.setup_base_sender(peer.kem_public_key, info)
-        eph_c_private, eph_c = hpke.generate_key_pair()
+        enc, context = hpke.setup_base_sender(peer.kem_public_key, info, ikm_e=entropy.random(32))
+        eph_c_private = entropy.random(32)
+        eph_c = hpke.public_key(eph_c_private)
         fields = {
             "initDid": init_did,
             "respDid": resp_did,
             "info": info.decode(),
             "exportCtx": export_ctx.decode(),
-            "nonce": b64url(os.urandom(16)),
-            "ts": format_rfc3339(),
+            "nonce": entropy.uuid4(),
+            "ts": format_rfc3339(entropy.time_ns()),
             "enc": b64url(enc),
             "ephC": b64url(eph_c),
         }
-        payload = json.dumps(fields, separators=(",", ":")).encode()
+        if profile is PeerProfile.NATIVE:
+            fields[PROFILE_FIELD] = profile.value
+        payload = go_json(fields, sort_keys=True)  # the reference marshals a map: keys sorted
         signature = self.identity.signing_key.sign(payload)
         return PendingHandshake(
             request=HandshakeRequest(ctx_id, init_did, payload, signature),
             peer=peer,
             fields=fields,
+            profile=profile,
             exporter=context.export(export_ctx, 32),
             eph_c_private=eph_c_private,
         )
@@ -128,16 +162,18 @@ class Initiator:
                     "handshake response must be an object", code="bad_handshake"
                 )
             resp = {k: v for k, v in response.items() if k != "sigB64"}
-            if not all(isinstance(v, str) for v in resp.values()):
+            if set(resp) != set(ANSWER_FIELDS) or not all(
+                isinstance(v, str) for v in response.values()
+            ):
                 raise InvalidMessageError(
-                    "handshake response fields must be strings", code="bad_handshake"
+                    "handshake response must be exactly the answer's string fields",
+                    code="bad_handshake",
                 )
             sent = pending.fields
             for key, expected in (
                 ("v", VERSION),
                 ("task", TASK),
                 ("ctx", pending.request.ctx_id),
-                ("did", sent["respDid"]),
                 ("enc", sent["enc"]),
                 ("ephC", sent["ephC"]),
                 ("infoHash", _sha256_b64(sent["info"].encode())),
@@ -147,7 +183,11 @@ class Initiator:
                     raise InvalidMessageError(
                         f"handshake response {key} mismatch", code="bad_handshake"
                     )
-            pending.peer.verify(_canonical(resp), from_b64url(response.get("sigB64"), "sigB64"))
+            if parse_did(resp["did"]) != pending.peer.did:
+                raise InvalidMessageError("handshake response did mismatch", code="bad_handshake")
+            pending.peer.verify(
+                answer_signed_bytes(resp), from_b64url(response.get("sigB64"), "sigB64")
+            )
             kid = resp.get("kid", "")
             if not kid:
                 raise InvalidMessageError("handshake response lacks kid", code="bad_handshake")
@@ -172,7 +212,12 @@ class Initiator:
             ):
                 raise SignatureError("ackTag mismatch", code="bad_ack_tag")
             return self.sessions.create(
-                session_id(seed), Role.INITIATOR, seed, peer_did=sent["respDid"], kid=kid
+                session_id(seed),
+                Role.INITIATOR,
+                seed,
+                peer_did=sent["respDid"],
+                kid=kid,
+                profile=pending.profile,
             )
         finally:
             pending.wipe()
@@ -186,11 +231,13 @@ class Responder:
         sessions: SessionManager,
         replay_cache: NonceCache | None = None,
         clock=time.time,
+        entropy: Entropy = SYSTEM,
     ) -> None:
         self.identity = identity
         self.resolver = resolver
         self.sessions = sessions
         self.clock = clock
+        self.entropy = entropy
         self.replays = (
             replay_cache
             if replay_cache is not None
@@ -198,42 +245,62 @@ class Responder:
         )
 
     async def process(
-        self, sender_did: str, payload: bytes, signature: bytes
+        self, sender_did: str, payload: bytes, signature: bytes, ctx_id: str | None = None
     ) -> tuple[dict[str, str], Session]:
-        """Check the request in the protocol's order, answer it, create the session."""
+        """Check the request in the protocol's order, answer it, create the session.
+
+        ``ctx_id`` is the envelope's ``context_id`` (what the reference binds); without an
+        envelope it is read from ``exportCtx``, which must name it either way.
+        """
         sender = await self.resolver.resolve(sender_did)
         sender.verify(payload, signature)
         fields = _load_json_object(payload, "handshake payload")
         missing = [k for k in _REQUEST_FIELDS if not fields.get(k)]
         if missing:
             raise InvalidMessageError(f"handshake payload lacks {missing[0]}", code="bad_handshake")
-        own_did = str(self.identity.did)
-        if fields["initDid"] != str(sender.did) or fields["respDid"] != own_did:
+        if any(len(fields[k]) > MAX_FIELD_BYTES for k in ("nonce", "initDid", "respDid")):
+            raise InvalidMessageError("handshake field too long", code="bad_handshake")
+        try:
+            profile = PeerProfile(fields.get(PROFILE_FIELD, PeerProfile.GO.value))
+        except ValueError:
+            raise InvalidMessageError("unknown peer profile", code="bad_handshake") from None
+        # DIDs compare as DIDs (aliases, address case); the strings as sent are what the
+        # key schedule binds, on both sides.
+        if (
+            parse_did(fields["initDid"]) != sender.did
+            or parse_did(fields["respDid"]) != self.identity.did
+        ):
             raise InvalidMessageError("handshake DIDs do not match", code="did_mismatch")
         ts = parse_rfc3339(fields["ts"], "ts") / 1e9
         now = self.clock()
         if abs(ts - now) > HANDSHAKE_SKEW:
             raise TimestampSkewError("handshake timestamp outside tolerance")
-        ctx_id = _ctx_from_export(fields["exportCtx"])
+        ctx_id = _ctx_from_export(fields["exportCtx"]) if ctx_id is None else ctx_id
+        if not ctx_id or len(ctx_id) > MAX_FIELD_BYTES:
+            raise InvalidMessageError("handshake lacks a context id", code="bad_handshake")
         replay_key = f"{ctx_id}|{fields['nonce']}".encode()
         status = self.replays.check(replay_key, ts)
         if status is NonceStatus.INVALID:
             raise ReplayError("handshake replayed", code="handshake_replay")
         if status is NonceStatus.EXPIRED:
             raise TimestampSkewError("handshake outside the replay window", code="nonce_expired")
-        info = build_info(ctx_id, fields["initDid"], own_did)
+        init_did, resp_did = fields["initDid"], fields["respDid"]
+        info = build_info(ctx_id, init_did, resp_did)
         export_ctx = build_export_ctx(ctx_id)
         if fields["info"].encode() != info or fields["exportCtx"].encode() != export_ctx:
             raise InvalidMessageError("info or exportCtx mismatch", code="bad_handshake")
         enc, eph_c = from_b64url(fields["enc"], "enc"), from_b64url(fields["ephC"], "ephC")
+        if len(enc) != 32 or len(eph_c) != 32:
+            raise InvalidMessageError("enc and ephC must be 32 bytes", code="bad_handshake")
         self.replays.mark(replay_key, ts)
         context = hpke.setup_base_receiver(enc, self.identity.kem.private, info)
-        eph_s_private, eph_s = hpke.generate_key_pair()
+        eph_s_private = self.entropy.random(32)
+        eph_s = hpke.public_key(eph_s_private)
         seed = combine_seed(
             context.export(export_ctx, 32), x25519_e2e(eph_s_private, eph_c), export_ctx
         )
-        kid = new_kid()
-        th = transcript_hash(info, export_ctx, enc, eph_c, eph_s, fields["initDid"], own_did)
+        kid = f"kid-{self.entropy.uuid4()}"
+        th = transcript_hash(info, export_ctx, enc, eph_c, eph_s, init_did, resp_did)
         response = {
             "v": VERSION,
             "task": TASK,
@@ -241,16 +308,21 @@ class Responder:
             "kid": kid,
             "ephS": b64url(eph_s),
             "ackTagB64": b64url(ack_tag(seed, ctx_id, fields["nonce"], kid, th)),
-            "ts": format_rfc3339(),
-            "did": own_did,
+            "ts": format_rfc3339(self.entropy.time_ns()),
+            "did": str(self.identity.did),
             "infoHash": _sha256_b64(info),
             "exportCtxHash": _sha256_b64(export_ctx),
             "enc": fields["enc"],
             "ephC": fields["ephC"],
         }
-        response["sigB64"] = b64url(self.identity.signing_key.sign(_canonical(response)))
+        response["sigB64"] = b64url(self.identity.signing_key.sign(answer_signed_bytes(response)))
         session = self.sessions.create(
-            session_id(seed), Role.RESPONDER, seed, peer_did=fields["initDid"], kid=kid
+            session_id(seed),
+            Role.RESPONDER,
+            seed,
+            peer_did=init_did,
+            kid=kid,
+            profile=profile,
         )
         return response, session
 

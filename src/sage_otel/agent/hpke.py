@@ -36,6 +36,7 @@ __all__ = [
     "Context",
     "derive_key_pair",
     "generate_key_pair",
+    "public_key",
     "setup_base_receiver",
     "setup_base_sender",
 ]
@@ -126,6 +127,11 @@ def derive_key_pair(ikm: bytes) -> tuple[bytes, bytes]:
     sk_bytes = _labeled_expand(_KEM_SUITE_ID, dkp_prk, b"sk", b"", _NSK)
     sk = X25519PrivateKey.from_private_bytes(sk_bytes)
     return sk_bytes, _public_bytes(sk)
+
+
+def public_key(sk: bytes) -> bytes:
+    """The X25519 public key of a raw 32-byte private key."""
+    return _public_bytes(_load_private(sk))
 
 
 def generate_key_pair() -> tuple[bytes, bytes]:

@@ -1,11 +1,19 @@
 """Session messages: sealing, RFC 9421-style signatures, and replay protection.
 
-Every message carries a random 16-byte nonce, a timestamp and a sequence number. The
-covered metadata (method, path, context id, content digest, nonce, timestamp, sequence,
-type) is signed with HMAC-SHA256 under the sender's directional signing key, and the
-payload is sealed with ChaCha20-Poly1305. The receiver checks, in order: signature,
-timestamp tolerance, nonce freshness (replay), sequence order, then marks the nonce seen
-and opens the payload.
+Two envelopes exist, one per :class:`~.session.PeerProfile` of the session:
+
+* native: every message carries a random 16-byte nonce, a timestamp and a sequence number.
+  The covered metadata (method, path, context id, content digest, nonce, timestamp,
+  sequence, type) is signed with HMAC-SHA256 under the sender's directional signing key,
+  and the payload is sealed with ChaCha20-Poly1305 bound to them as associated data. The
+  receiver checks, in order: signature, timestamp tolerance, nonce freshness (replay),
+  sequence order, then marks the nonce seen and opens the payload.
+* go: the SAGE Go reference's envelope. The MAC covers the RFC 9421 signature base of
+  ``"@method" "@path" "x-sage-did" "x-sage-message-id" "x-sage-context-id"
+  "x-sage-task-id"`` with ``keyid``, ``alg`` and ``created``; the payload is sealed without
+  associated data. The MAC key is the sender's directional signing key, never the all-zero
+  key the reference uses. The receiver checks the MAC, ``created`` against the tolerance,
+  and the message id as the nonce (replay); the envelope has no sequence number.
 """
 
 from __future__ import annotations
@@ -13,12 +21,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from functools import cached_property
+from typing import Protocol
 
 from .encoding import b64url, format_rfc3339, from_b64std, from_b64url, parse_rfc3339
 from .errors import (
@@ -28,11 +38,27 @@ from .errors import (
     SignatureError,
     TimestampSkewError,
 )
-from .session import Session
+from .session import PeerProfile, Session
 
 NONCE_SIZE = 16
 TIMESTAMP_TOLERANCE = 30.0
 NONCE_TTL = 300.0
+_SEQ = re.compile(r"^[1-9][0-9]{0,17}$")
+GO_COMPONENTS = (
+    "@method",
+    "@path",
+    "x-sage-did",
+    "x-sage-message-id",
+    "x-sage-context-id",
+    "x-sage-task-id",
+)
+_GO_COVERED = " ".join(f'"{c}"' for c in GO_COMPONENTS)
+_GO_SIGNATURE_INPUT = re.compile(
+    r"^sig1=\(" + re.escape(_GO_COVERED) + r'\);keyid="([^"\\]{1,256})";alg="hmac-sha256";'
+    r"created=(0|[1-9][0-9]{0,11})$"
+)
+GO_METADATA_KEYS = frozenset({"kid", "signature-input"})
+MAX_MESSAGE_ID = 256
 
 
 class MessageType(str, Enum):
@@ -64,9 +90,9 @@ class SecureMessage:
             "sha-256=:" + base64.b64encode(hashlib.sha256(self.ciphertext).digest()).decode() + ":"
         )
 
-    def metadata(self) -> dict[str, object]:
+    def metadata(self) -> dict[str, str]:
         return {
-            "seq": self.seq,
+            "seq": str(self.seq),
             "nonce": b64url(self.nonce),
             "timestamp": format_rfc3339(self.timestamp_ns),
             "type": self.type.value,
@@ -75,7 +101,7 @@ class SecureMessage:
             "signature": f"sig1=:{base64.b64encode(self.signature).decode()}:",
         }
 
-    def to_wire(self) -> dict[str, object]:
+    def to_wire(self) -> dict[str, object]:  # metadata values are strings, as on Go's side
         return {"payload": base64.b64encode(self.ciphertext).decode(), "metadata": self.metadata()}
 
     @classmethod
@@ -83,9 +109,10 @@ class SecureMessage:
         """Parse the wire form; any malformation is an :class:`InvalidMessageError`."""
         if not isinstance(metadata, dict):
             raise InvalidMessageError("metadata must be an object", code="bad_metadata")
-        seq = metadata.get("seq")
-        if not isinstance(seq, int) or isinstance(seq, bool) or not 0 < seq < 2**63:
-            raise InvalidMessageError("seq must be a positive integer", code="bad_metadata")
+        seq_text = metadata.get("seq")
+        if not isinstance(seq_text, str) or not _SEQ.fullmatch(seq_text):
+            raise InvalidMessageError("seq must be a positive decimal string", code="bad_metadata")
+        seq = int(seq_text)
         nonce = from_b64url(metadata.get("nonce"), "nonce")
         if len(nonce) != NONCE_SIZE:
             raise InvalidMessageError("nonce must be 16 bytes", code="bad_metadata")
@@ -166,6 +193,98 @@ def seal(
     return replace(unsigned, signature=signature)
 
 
+class EnvelopeFields(Protocol):
+    """The request fields a go-profile MAC covers (the transport's envelope has them)."""
+
+    id: str
+    did: str
+    context_id: str
+    task_id: str
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class GoMessage:
+    """A go-profile message as it travels: the envelope fields, sealed payload and MAC."""
+
+    id: str
+    did: str
+    context_id: str
+    task_id: str
+    kid: str
+    created: int
+    sealed: bytes
+    signature: bytes
+
+    def signature_input(self) -> str:
+        return f"sig1={go_signature_params(self.kid, self.created)}"
+
+    def metadata(self) -> dict[str, str]:
+        return {"kid": self.kid, "signature-input": self.signature_input()}
+
+
+def go_signature_params(kid: str, created: int) -> str:
+    return f'({_GO_COVERED});keyid="{kid}";alg="hmac-sha256";created={created}'
+
+
+def go_signature_base(
+    message: GoMessage | EnvelopeFields,
+    kid: str,
+    created: int,
+    *,
+    method: str = "POST",
+    path: str = "/messages",
+) -> bytes:
+    """The RFC 9421 signature base the reference's canonicalizer builds for this request."""
+    return (
+        f'"@method": {method}\n'
+        f'"@path": {path}\n'
+        f'"x-sage-did": {message.did}\n'
+        f'"x-sage-message-id": {message.id}\n'
+        f'"x-sage-context-id": {message.context_id}\n'
+        f'"x-sage-task-id": {message.task_id}\n'
+        f'"@signature-params": {go_signature_params(kid, created)}'
+    ).encode()
+
+
+def seal_go(
+    session: Session,
+    data: str | bytes,
+    *,
+    sender_did: str,
+    task_id: str,
+    message_id: str,
+    created: int,
+    aead_nonce: bytes | None = None,
+    method: str = "POST",
+    path: str = "/messages",
+) -> GoMessage:
+    """Encrypt (no associated data) and MAC ``data`` in the reference's envelope."""
+    plaintext = data.encode() if isinstance(data, str) else data
+    sealed = session.encrypt(plaintext, b"", aead_nonce)
+    unsigned = GoMessage(
+        message_id, sender_did, session.id, task_id, session.kid, created, sealed, b""
+    )
+    base = go_signature_base(unsigned, session.kid, created, method=method, path=path)
+    return replace(unsigned, signature=session.sign(base))
+
+
+def _parse_go_metadata(session: Session, metadata: object) -> int:
+    """The ``created`` of a well-formed go-profile metadata object bound to this session."""
+    if not isinstance(metadata, dict) or set(metadata) != GO_METADATA_KEYS:
+        raise InvalidMessageError(
+            "metadata must be exactly kid and signature-input", code="bad_metadata"
+        )
+    match = _GO_SIGNATURE_INPUT.fullmatch(metadata["signature-input"])
+    if match is None:
+        raise InvalidMessageError(
+            "signature-input is not the go profile's", code="bad_signature_field"
+        )
+    if not (match.group(1) == metadata["kid"] == session.kid):
+        raise SignatureError("keyid does not name this session's key", code="wrong_kid")
+    return int(match.group(2))
+
+
 class NonceCache:
     """Nonces seen within ``ttl``, bounded to ``max_size`` entries.
 
@@ -244,14 +363,51 @@ class MessageValidator:
         *,
         method: str = "POST",
         path: str = "/messages",
+        envelope: EnvelopeFields | None = None,
     ) -> str | bytes:
-        """Process one inbound message as it arrived: parse it, then :meth:`open` it.
+        """Process one inbound message as it arrived: parse it, then open it.
 
         This is the unit of message processing: a message refused while parsing (bad
-        metadata, content digest mismatch) is a failed message like any other.
+        metadata, content digest mismatch) is a failed message like any other. The
+        session's profile decides the envelope; go-profile messages need ``envelope``.
         """
+        if session.profile is PeerProfile.GO:
+            if envelope is None:
+                raise InvalidMessageError(
+                    "go-profile message without envelope", code="bad_metadata"
+                )
+            return self.open_go(session, payload, metadata, envelope, method=method, path=path)
         message = SecureMessage.from_wire(session.id, payload, metadata)
         return self.open(session, message, method=method, path=path)
+
+    def open_go(
+        self,
+        session: Session,
+        payload: object,
+        metadata: object,
+        envelope: EnvelopeFields,
+        *,
+        method: str = "POST",
+        path: str = "/messages",
+    ) -> bytes:
+        """Verify, replay-check and open a go-profile message; see the module docstring."""
+        created = _parse_go_metadata(session, metadata)
+        if not 0 < len(envelope.id) <= MAX_MESSAGE_ID:
+            raise InvalidMessageError("message id missing or too long", code="bad_metadata")
+        sealed = from_b64std(payload, "payload")
+        base = go_signature_base(envelope, session.kid, created, method=method, path=path)
+        session.verify(base, envelope.signature)
+        if abs(created - self.clock()) > self.tolerance:
+            raise TimestampSkewError("timestamp outside tolerance")
+        key = session.id.encode() + b"|" + envelope.id.encode()
+        status = self.nonces.check(key, float(created))
+        if status is NonceStatus.INVALID:
+            raise ReplayError("message id already seen")
+        if status is NonceStatus.EXPIRED:
+            raise TimestampSkewError("nonce window expired", code="nonce_expired")
+        self.nonces.mark(key, float(created))
+        session.note_received()
+        return session.decrypt(sealed, b"")
 
     def open(
         self,

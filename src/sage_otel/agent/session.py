@@ -30,6 +30,21 @@ AEAD_NONCE_SIZE = 12
 AEAD_TAG_SIZE = 16
 
 
+class PeerProfile(str, Enum):
+    """How a session's messages travel; fixed at the handshake, never changed afterwards.
+
+    ``native``: each message carries nonce, timestamp and sequence under the directional MAC,
+    and the reply comes back sealed in the HTTP answer. ``go``: the SAGE Go reference's
+    envelope (MAC over the RFC 9421 base of method, path and the ``X-SAGE-*`` fields, AEAD
+    without associated data); the answer is bare and each side POSTs its messages to the
+    other's endpoint. The initiator announces ``native`` inside its signed payload, so the
+    profile cannot be changed in transit; a payload without it (any Go client) is ``go``.
+    """
+
+    NATIVE = "native"
+    GO = "go"
+
+
 class Role(str, Enum):
     INITIATOR = "initiator"
     RESPONDER = "responder"
@@ -71,6 +86,7 @@ class Session:
         "message_count",
         "next_send_seq",
         "peer_did",
+        "profile",
         "role",
     )
 
@@ -84,6 +100,7 @@ class Session:
         kid: str,
         limits: SessionLimits,
         clock: Callable[[], float] = time.monotonic,
+        profile: PeerProfile = PeerProfile.NATIVE,
     ) -> None:
         keys = directional_keys(seed, session_id)
         # Keys live in bytearrays so close() can overwrite them in place.
@@ -111,6 +128,7 @@ class Session:
         self.role = role
         self.peer_did = peer_did
         self.kid = kid
+        self.profile = profile
         self.limits = limits
         self.clock = clock
         self.created_at = self.last_used = clock()
@@ -148,10 +166,16 @@ class Session:
         self.message_count += 1
         self.last_used = self.clock()
 
-    def encrypt(self, plaintext: bytes, aad: bytes = b"") -> bytes:
-        """Seal with a fresh random nonce; the wire form is nonce || ciphertext."""
+    def encrypt(self, plaintext: bytes, aad: bytes = b"", nonce: bytes | None = None) -> bytes:
+        """Seal with a fresh random nonce; the wire form is nonce || ciphertext.
+
+        ``nonce`` comes from the caller's :class:`~.entropy.Entropy` when it replays a
+        recorded exchange; it must never repeat under one key.
+        """
         self._use(inbound=False)
-        nonce = os.urandom(AEAD_NONCE_SIZE)
+        nonce = os.urandom(AEAD_NONCE_SIZE) if nonce is None else nonce
+        if len(nonce) != AEAD_NONCE_SIZE:
+            raise CryptoError("AEAD nonce must be 12 bytes")
         return nonce + self._send_aead.encrypt(nonce, plaintext, aad)  # type: ignore[union-attr]
 
     def decrypt(self, wire: bytes, aad: bytes = b"") -> bytes:
@@ -214,14 +238,28 @@ class SessionManager:
         return len(self._sessions)
 
     def create(
-        self, session_id: str, role: Role, seed: bytes, *, peer_did: str, kid: str
+        self,
+        session_id: str,
+        role: Role,
+        seed: bytes,
+        *,
+        peer_did: str,
+        kid: str,
+        profile: PeerProfile = PeerProfile.NATIVE,
     ) -> Session:
         if session_id in self._sessions:
             raise SageError("session id already in use", code="session_exists")
         if len(self._sessions) >= self.max_sessions:
             raise SageError("too many sessions", code="session_capacity")
         session = Session(
-            session_id, role, seed, peer_did=peer_did, kid=kid, limits=self.limits, clock=self.clock
+            session_id,
+            role,
+            seed,
+            peer_did=peer_did,
+            kid=kid,
+            limits=self.limits,
+            clock=self.clock,
+            profile=profile,
         )
         self._sessions[session_id] = session
         return session

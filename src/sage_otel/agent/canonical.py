@@ -1,0 +1,51 @@
+"""Protocol bytes: every JSON document that is signed or compared comes from here.
+
+Two canonical forms exist in SAGE, and neither is ``json.dumps``' default:
+
+* :func:`go_json` writes what Go's ``encoding/json`` writes: compact, HTML-safe escaping
+  (``<``, ``>``, ``&``, U+2028 and U+2029 as ``\\uXXXX``), members in the order given (a Go
+  struct) or sorted (a Go map). The handshake payload, the signed handshake answer and the
+  HTTP envelopes are these bytes on the reference's side, so they must be ours too.
+* :func:`jcs` is RFC 8785 (JSON Canonicalization Scheme), used for A2A agent-card proofs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+
+import rfc8785
+
+__all__ = ["go_json", "jcs"]
+
+_GO_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_GO_SPECIAL = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
+
+
+def _go_escape(match: re.Match[str]) -> str:
+    # A lone surrogate is not UTF-8; Go replaces any invalid sequence with U+FFFD.
+    return _GO_ESCAPES.get(match.group(), "\\ufffd")
+
+
+def go_json(value: object, *, sort_keys: bool = False) -> bytes:
+    """``json.Marshal(value)`` as Go writes it.
+
+    Objects keep their insertion order (build them in the Go struct's field order, leaving
+    out ``omitempty`` fields yourself), or are sorted with ``sort_keys`` (a Go map). The
+    replacement is safe on the whole text: outside strings, compact JSON has none of
+    those characters.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys)
+    return _GO_SPECIAL.sub(_go_escape, text).encode()
+
+
+def jcs(value: Mapping[str, object] | list[object] | object) -> bytes:
+    """RFC 8785 canonical JSON."""
+    return rfc8785.dumps(value)
