@@ -17,7 +17,9 @@ from collections.abc import Mapping
 
 import rfc8785
 
-__all__ = ["go_json", "jcs"]
+from .errors import InvalidMessageError
+
+__all__ = ["go_json", "jcs", "loads_ieee"]
 
 _GO_ESCAPES = {
     "<": "\\u003c",
@@ -46,6 +48,14 @@ def go_json(value: object, *, sort_keys: bool = False) -> bytes:
     return _GO_SPECIAL.sub(_go_escape, text).encode()
 
 
+def loads_ieee(text: str | bytes) -> object:
+    """JSON as RFC 8785 reads it: every number an IEEE 754 double (so 1e21 and 10**21 agree)."""
+    return json.loads(text, parse_int=float)
+
+
 def jcs(value: Mapping[str, object] | list[object] | object) -> bytes:
-    """RFC 8785 canonical JSON."""
-    return rfc8785.dumps(value)
+    """RFC 8785 canonical JSON; what has no canonical form is an InvalidMessageError."""
+    try:
+        return rfc8785.dumps(value)
+    except rfc8785.CanonicalizationError as exc:
+        raise InvalidMessageError("no RFC 8785 form", code="not_canonicalizable") from exc

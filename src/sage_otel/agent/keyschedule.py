@@ -29,6 +29,7 @@ __all__ = [
     "directional_keys",
     "expand_label",
     "session_id",
+    "traffic_keys",
     "transcript_hash",
     "x25519_e2e",
 ]
@@ -183,4 +184,32 @@ def directional_keys(seed: bytes, session_id: str) -> DirectionalKeys:
         c2s_sign=okm[32:64],
         s2c_encrypt=okm[64:96],
         s2c_sign=okm[96:128],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficKeys:
+    """The reference's ``DeriveTrafficKeys``: keys, IVs and a channel binding from a seed.
+
+    Its sessions key their AEAD from :func:`directional_keys` instead; these are kept so
+    that an application binding a channel to the handshake derives the same values.
+    """
+
+    c2s_key: bytes
+    c2s_iv: bytes
+    s2c_key: bytes
+    s2c_iv: bytes
+    channel_binding: bytes
+
+    def __repr__(self) -> str:
+        return "TrafficKeys(<redacted>)"
+
+
+def traffic_keys(seed: bytes) -> TrafficKeys:
+    return TrafficKeys(
+        c2s_key=expand_label(seed, b"SAGE-c2s:key", 32),
+        c2s_iv=expand_label(seed, b"SAGE-c2s:iv", 12),
+        s2c_key=expand_label(seed, b"SAGE-s2c:key", 32),
+        s2c_iv=expand_label(seed, b"SAGE-s2c:iv", 12),
+        channel_binding=expand_label(seed, b"SAGE-cb-v1", 32),
     )

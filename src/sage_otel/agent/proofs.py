@@ -8,12 +8,11 @@ DID to its key (``SAGE-PoP:<did>:<hex key>``, signed over its SHA-256), and an a
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 
 import base58
 
-from .canonical import jcs
+from .canonical import jcs, loads_ieee
 from .errors import InvalidMessageError, SignatureError
 from .identity import DID, KeyType, SigningKey, verify_digest, verify_signature
 
@@ -72,7 +71,7 @@ def verify_agent_card(card_json: str | bytes) -> dict:
     if len(card_json) > MAX_CARD_BYTES:
         raise InvalidMessageError("agent card too large", code="bad_card")
     try:
-        card = json.loads(card_json)
+        card = loads_ieee(card_json)
     except (ValueError, RecursionError) as exc:
         raise InvalidMessageError("agent card is not JSON", code="bad_card") from exc
     if not isinstance(card, dict) or not isinstance(card.get("proof"), dict):

@@ -556,22 +556,30 @@ class ClientAgent:
         return _read_answer(answer)
 
     async def connect(
-        self, base_url: str, peer_did: str, *, profile: PeerProfile = PeerProfile.NATIVE
+        self,
+        base_url: str,
+        peer_did: str,
+        *,
+        profile: PeerProfile = PeerProfile.NATIVE,
+        ctx_id: str | None = None,
     ) -> Connection:
         """Run the handshake with the agent at ``base_url``, bounded by the handshake timeout.
 
-        ``profile`` must be ``go`` for a SAGE Go reference peer (see :class:`PeerProfile`).
+        ``profile`` must be ``go`` for a SAGE Go reference peer (see :class:`PeerProfile`);
+        ``ctx_id`` names the handshake context (default ``ctx-<uuid>``).
         """
         try:
             return await asyncio.wait_for(
-                self._handshake(base_url, peer_did, profile), self.handshake_timeout
+                self._handshake(base_url, peer_did, profile, ctx_id), self.handshake_timeout
             )
         except asyncio.TimeoutError as exc:
             raise HandshakeTimeoutError("handshake timed out") from exc
 
-    async def _handshake(self, base_url: str, peer_did: str, profile: PeerProfile) -> Connection:
+    async def _handshake(
+        self, base_url: str, peer_did: str, profile: PeerProfile, ctx_id: str | None
+    ) -> Connection:
         peer = await self.resolver.resolve(peer_did)
-        pending = self.initiator.init(peer, profile=profile)
+        pending = self.initiator.init(peer, ctx_id, profile=profile)
         request = pending.request
         body = self.envelope(
             HANDSHAKE_TASK, request.ctx_id, b64std(request.payload), b64std(request.signature)
