@@ -15,6 +15,7 @@ from sage_otel.agent.did import (
     sign_registration,
 )
 from sage_otel.agent.identity import AgentIdentity, Chain
+from sage_otel.agent.session import PeerProfile
 from sage_otel.agent.transport import ClientAgent, ServerAgent
 
 T0 = 1_700_000_000.0
@@ -111,3 +112,15 @@ async def make_client(
     yield make
     for client in clients:
         await client.aclose()
+
+
+@pytest.fixture
+async def go_link(start_server, make_client, new_agent, registry):
+    """A server and a listening client in a go-profile session (the Go reference's flow)."""
+    identity = AgentIdentity.generate(Chain.SOLANA)
+    client = await make_client(identity, registered=False)
+    port = await client.listen()
+    await register_identity(registry, identity, endpoint=f"http://127.0.0.1:{port}")
+    server, url = await start_server(await new_agent(Chain.ETHEREUM))
+    conn = await client.connect(url, str(server.identity.did), profile=PeerProfile.GO)
+    return server, client, conn

@@ -9,6 +9,7 @@ uninstruments at teardown. Spans go to an ``InMemorySpanExporter`` through a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import logging
@@ -1147,3 +1148,83 @@ async def test_noop_tracer_provider_starts_no_span_but_records_metrics(
     assert snap.values("messages_processed") == {("text", "success"): 3, ("binary", "success"): 2}
     assert snap.value("sessions_closed") == 2 and snap.value("sessions_active") == 0
     assert all(not exemplar.trace_id for exemplar in snap.exemplars())
+
+
+# --- the go peer profile, P-256 and reference-shaped refusals --------------------------------
+
+
+async def test_go_profile_exchange_is_counted_and_traced(tel: Captured, go_link) -> None:
+    _server, client, conn = go_link
+    assert await client.send(conn, "ping") is None
+    assert await client.receive(conn, timeout=5) == b"ping"  # the server's echo, POSTed back
+    snap = tel.snapshot()
+    # Opened once by the server (the ping) and once by the client's listener (the echo).
+    assert snap.value("messages_processed", type="binary", status="success") == 2
+    assert snap.total("messages_processed") == 2
+    for _ in range(100):  # the echo's send span ends when the client's listener answers
+        if len(named(tel.spans(), "sage.message.send")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    spans = tel.spans()
+    client_span = one(spans, "sage.handshake", SpanKind.CLIENT)
+    assert client_span.attributes["sage.peer.profile"] == "go"
+    assert one(spans, "sage.handshake.process").attributes["sage.peer.profile"] == "go"
+    sends = named(spans, "sage.message.send")
+    receives = named(spans, "sage.message.receive")
+    assert len(sends) == len(receives) == 2  # the ping and the echo, each sent and received
+    # Each POST carries its trace: every receive continues one send's trace.
+    assert {s.context.trace_id for s in receives} == {s.context.trace_id for s in sends}
+    assert_sage_names(spans)
+
+
+async def test_native_handshake_span_names_its_profile(
+    tel: Captured, start_server, make_client, new_agent
+) -> None:
+    server, url, client = await pair(start_server, make_client, new_agent)
+    await connect(server, url, client)
+    spans = tel.spans()
+    assert one(spans, "sage.handshake", SpanKind.CLIENT).attributes["sage.peer.profile"] == "native"
+    assert one(spans, "sage.handshake.process").attributes["sage.peer.profile"] == "native"
+
+
+def test_p256_and_key_proofs_are_counted_by_algorithm(tel: Captured) -> None:
+    from sage_otel.agent.identity import KeyType, SigningKey
+    from sage_otel.agent.proofs import prove_possession, verify_possession
+
+    p256 = SigningKey.generate(KeyType.P256)
+    identity.verify_signature(KeyType.P256, p256.public_bytes(), b"x", p256.sign(b"x"))
+    secp = SigningKey.generate(KeyType.SECP256K1)
+    proof = prove_possession(secp, "did:sage:eth:agent-one")
+    verify_possession(KeyType.SECP256K1, secp.key_data(), "did:sage:eth:agent-one", proof)
+    snap = tel.snapshot()
+    assert snap.value("crypto_operations", operation="sign", algorithm="p256") == 1
+    assert snap.value("crypto_operations", operation="verify", algorithm="p256") == 1
+    assert snap.value("crypto_operations", operation="sign", algorithm="secp256k1") == 1
+    assert snap.value("crypto_operations", operation="verify", algorithm="secp256k1") == 1
+    assert snap.value("crypto_operations", operation="verify", algorithm=OTHER) == 0
+
+
+async def test_a_reference_shaped_refusal_counts_as_its_bounded_category(
+    tel: Captured, make_client, new_agent
+) -> None:
+    import httpx
+
+    server_identity = await new_agent(Chain.SOLANA)
+    body = (
+        b'{"success":false,"message_id":"m","task_id":"hpke/complete@v1",'
+        b'"error":"replay detected"}\n'
+    )
+    http = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+    )
+    client = await make_client(http=http)
+    with pytest.raises(PeerError) as info:
+        await client.connect("http://peer.test", str(server_identity.did))
+    assert info.value.code == "handshake_replay"
+    snap = tel.snapshot()
+    assert snap.value("handshakes_failed", error_type="replay") == 1
+    assert snap.value("handshakes_completed", status="failure") == 1
+    span = one(tel.spans(), "sage.handshake", SpanKind.CLIENT)
+    assert_refused_by_peer(span, info.value)
+    assert span.attributes["error.type"] == "peer_replay"
+    assert "replay detected" not in str(dict(span.attributes))  # peer text never exported

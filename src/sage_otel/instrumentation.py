@@ -9,7 +9,8 @@ Usage::
 or, without code changes, ``opentelemetry-instrument sage-otel demo --no-telemetry`` (the
 ``sage`` entry point in the ``opentelemetry_instrumentor`` group).
 
-What it patches: signing and verification, session encrypt/decrypt/create/close/expire, DID
+What it patches: signing and verification (handshakes, registrations, key proofs, agent
+cards), session encrypt/decrypt/create/close/expire, DID
 resolution and registration, the three handshake stages, message validation and the nonce
 check, and the HTTP client and server agents (spans, and W3C trace context propagation
 between agents). Every metric of the catalog is recorded at those code paths; spans are
@@ -493,6 +494,7 @@ def _wrap_process(kit: _Kit):
             _safely(record, perf_counter() - start, None, span)
             if span.is_recording():
                 span.set_attribute("sage.session.id", result[1].id)
+                span.set_attribute("sage.peer.profile", result[1].profile.value)
             return result
 
     return wrapper
@@ -513,9 +515,11 @@ def _wrap_connect(kit: _Kit):
             return await wrapped(*args, **kwargs)
         base_url = args[0] if args else kwargs.get("base_url", "")
         peer = args[1] if len(args) > 1 else kwargs.get("peer_did", "")
+        profile = kwargs.get("profile", session.PeerProfile.NATIVE)
         attributes = {
             "sage.handshake.role": "client",
             "sage.peer.did": str(peer),
+            "sage.peer.profile": getattr(profile, "value", OTHER),
             **_server_attributes(base_url),
         }
         with kit.start("sage.handshake", SpanKind.CLIENT, attributes) as span:
@@ -564,7 +568,9 @@ def _wrap_open(kit: _Kit):
         metadata = args[2] if len(args) > 2 else kwargs.get("metadata")
         kind = metadata.get("type") if isinstance(metadata, dict) else None
         if kind != "text" and kind != "binary":
-            kind = OTHER
+            # A go-profile message has no type on the wire: it opens to bytes.
+            go = getattr(args[0] if args else None, "profile", None) is session.PeerProfile.GO
+            kind = "binary" if go else OTHER
         # No attributes: on the per-message path each one costs microseconds, and the
         # enclosing receive/send span already names the session.
         with kit.start("sage.message.process") as span:
@@ -713,7 +719,9 @@ def _wrap_dispatch(kit: _Kit):
 
 _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
     (identity.SigningKey, "sign", _wrap_sign),
+    (identity.SigningKey, "sign_digest", _wrap_sign),
     (identity, "verify_signature", _wrap_verify),
+    (identity, "verify_digest", _wrap_verify),
     (session.Session, "encrypt", lambda kit: _wrap_cipher(kit, "encrypt")),
     (session.Session, "decrypt", lambda kit: _wrap_cipher(kit, "decrypt")),
     (session.SessionManager, "create", _wrap_session_create),

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 
 import base58
 
+from . import identity as _identity
 from .canonical import jcs, loads_ieee
 from .errors import InvalidMessageError, SignatureError
-from .identity import DID, KeyType, SigningKey, verify_digest, verify_signature
+from .identity import DID, KeyType, SigningKey
 
 POP_PREFIX = "SAGE-PoP:"
 MAX_CARD_BYTES = 64 * 1024
@@ -38,7 +39,7 @@ def prove_possession(key: SigningKey, did: DID | str) -> bytes:
 def verify_possession(key_type: KeyType, key_data: bytes, did: DID | str, proof: bytes) -> None:
     """Raise :class:`SignatureError` unless ``proof`` proves possession of ``key_data``."""
     digest = hashlib.sha256(pop_challenge(did, key_data).encode()).digest()
-    verify_digest(key_type, key_data, digest, proof)
+    _identity.verify_digest(key_type, key_data, digest, proof)  # looked up late: instrumented
 
 
 def sign_agent_card(card: Mapping[str, object], key: SigningKey, method: str, created: str) -> dict:
@@ -94,7 +95,7 @@ def verify_agent_card(card_json: str | bytes) -> dict:
         raise InvalidMessageError("agent card key or proof malformed", code="bad_card") from exc
     body = {k: v for k, v in card.items() if k != "proof"}
     try:
-        verify_signature(_CARD_KEY_TYPES[entry["type"]], public_key, jcs(body), signature)
+        _identity.verify_signature(_CARD_KEY_TYPES[entry["type"]], public_key, jcs(body), signature)
     except SignatureError:
         raise SignatureError("agent card proof invalid", code="bad_card_proof") from None
     return card

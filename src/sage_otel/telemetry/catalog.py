@@ -81,7 +81,7 @@ class Instrument:
 SUCCESS_FAILURE = ("success", "failure")
 CHAINS = ("ethereum", "solana")
 CRYPTO_OPERATIONS = ("sign", "verify", "encrypt", "decrypt")
-ALGORITHMS = ("ed25519", "secp256k1", "chacha20")
+ALGORITHMS = ("ed25519", "secp256k1", "p256", "chacha20")
 HANDSHAKE_ERROR_TYPES = (
     "timeout",
     "invalid",
