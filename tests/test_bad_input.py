@@ -23,6 +23,7 @@ from sage_otel.agent.encoding import b64std, b64url
 from sage_otel.agent.errors import ErrorCategory, InvalidMessageError
 from sage_otel.agent.handshake import TASK as HANDSHAKE_TASK
 from sage_otel.agent.identity import AgentIdentity, Chain
+from sage_otel.agent.keyschedule import build_info
 from sage_otel.agent.message import SecureMessage, seal, signature_base
 from sage_otel.agent.session import SessionLimits, SessionManager
 from sage_otel.agent.transport import (
@@ -99,6 +100,9 @@ class Ctx:
         pending.wipe()
         if payload is None:
             fields = dict(pending.fields, initDid=str(identity.did))
+            fields["info"] = build_info(
+                pending.request.ctx_id, str(identity.did), str(self.server.identity.did)
+            ).decode()
             if fields_change:
                 fields_change(fields)
             payload = json.dumps(fields, separators=(",", ":")).encode()
@@ -282,8 +286,17 @@ CASES: list[tuple[str, Builder, int, str]] = [
     ("handshake bad did", lambda c: c.handshake(did="not-a-did"), 400, "bad_did"),
     ("handshake unregistered", lambda c: c.handshake(identity=c.stranger), 403, "unknown_did"),
     (
-        "handshake signed by someone else",
+        "handshake claimed by someone else",  # refused before any key is resolved
         lambda c: {**c.handshake(), "did": str(c.bystander.identity.did)},
+        400,
+        "did_mismatch",
+    ),
+    (
+        "handshake signed by someone else",
+        lambda c: {
+            **c.handshake(identity=c.bystander.identity),
+            "signature": b64std(c.client.identity.signing_key.sign(b"other bytes")),
+        },
         401,
         "bad_signature",
     ),
@@ -379,8 +392,9 @@ async def ctx() -> AsyncIterator[Ctx]:
     server = ServerAgent(
         await _registered(registry, Chain.SOLANA),
         DIDResolver(registry),
-        sessions=SessionManager(roomy),
+        sessions=SessionManager(roomy, max_sessions_per_peer=10_000),
         max_body=MAX_BODY,
+        handshake_rate="100000/second",  # this module tests input checks, not rate limits
     )
     base = f"http://127.0.0.1:{await server.start('127.0.0.1', 0)}"
     clients = [

@@ -400,7 +400,7 @@ PY_ANSWER_CODES = {
     "bad-signature": (401, "bad_signature"),
     "replay": (409, "handshake_replay"),
     "stale-timestamp": (400, "timestamp_skew"),
-    "unknown-did": (403, "unknown_did"),
+    "unknown-did": (400, "did_mismatch"),  # payload names another sender: refused before lookup
     "unknown-session": (404, "unknown_session"),
     "metadata-not-string": (400, "wrong_type"),
     "missing-payload": (400, "missing_field"),

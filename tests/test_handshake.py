@@ -39,7 +39,8 @@ from sage_otel.agent.keyschedule import (
     transcript_hash,
     x25519_e2e,
 )
-from sage_otel.agent.message import MessageValidator, NonceCache, seal
+from sage_otel.agent.message import MessageValidator, seal
+from sage_otel.agent.replay import ScopedNonceCaches
 from sage_otel.agent.session import Role, SessionManager
 
 NewAgent = Callable[..., Awaitable[AgentIdentity]]
@@ -226,8 +227,9 @@ async def test_request_signed_by_alice_but_claimed_by_someone_else(
     peers: Peers, new_agent: NewAgent
 ) -> None:
     carol = await new_agent(Chain.ETHEREUM)
-    with pytest.raises(SignatureError):
+    with pytest.raises(InvalidMessageError) as info:  # refused before any key is resolved
         await peers.process(peers.init(), sender_did=str(carol.did))
+    assert info.value.code == "did_mismatch"
 
 
 async def test_initiator_did_must_match_sender(peers: Peers, new_agent: NewAgent) -> None:
@@ -503,15 +505,23 @@ async def test_malformed_response_is_refused(peers: Peers, response: object) -> 
     assert pending.exporter == b""
 
 
-async def test_responder_uses_the_replay_cache_it_is_given(peers: Peers) -> None:
-    cache = NonceCache(ttl=600.0)
-    responder = Responder(
-        peers.bob, DIDResolver(peers.registry), SessionManager(), replay_cache=cache
-    )
-    assert responder.replays is cache
-    pending = peers.init()
-    request = pending.request
+async def test_handshake_replay_state_is_scoped_to_the_sender(
+    peers: Peers, new_agent: NewAgent
+) -> None:
+    replays = ScopedNonceCaches(ttl=600.0, per_scope=1)
+    responder = Responder(peers.bob, DIDResolver(peers.registry), SessionManager(), replays)
+    request = peers.init().request
     await responder.process(request.init_did, request.payload, request.signature)
-    assert len(cache) == 1
+    assert len(replays) == 1 and len(replays.scope(peers.alice.did)) == 1
     with pytest.raises(ReplayError):
         await responder.process(request.init_did, request.payload, request.signature)
+    # Alice's scope is full (bound 1): her next handshake evicts and raises her floor only.
+    await responder.process(*_args(peers.init().request))
+    carol = await new_agent(Chain.SOLANA)
+    other = Initiator(carol, SessionManager()).init(peers.bob_doc()).request
+    await responder.process(*_args(other))
+    assert len(replays) == 2
+
+
+def _args(request) -> tuple[str, bytes, bytes]:
+    return request.init_did, request.payload, request.signature

@@ -509,22 +509,24 @@ async def test_unknown_did_handshake_fails_on_both_sides(
     assert_ok(one(spans, "sage.handshake.init"))
 
 
-async def test_failure_outside_the_error_enum_is_counted_as_other(
+async def test_session_capacity_is_counted_as_overload(
     tel: Captured, start_server: StartServer, make_client: MakeClient, new_agent: NewAgent
 ) -> None:
-    """A server out of session capacity fails with category ``internal``: not an enum value."""
+    """A full session table refuses before any HPKE work: 503 with Retry-After, ``overload``."""
     server, url, client = await pair(
         start_server, make_client, new_agent, sessions=SessionManager(max_sessions=0)
     )
     with pytest.raises(PeerError) as failure:
         await connect(server, url, client)
-    assert failure.value.code == "session_capacity"
+    assert failure.value.code == "session_capacity" and failure.value.http_status == 503
     snap = tel.snapshot()
-    assert snap.values("handshakes_failed") == {(OTHER,): 2}
+    assert snap.values("handshakes_failed") == {("overload",): 2}
     assert snap.value("handshakes_completed", status="failure") == 2
-    assert snap.value("sessions_created", status="failure") == 1
+    assert snap.value("sessions_created", status="failure") == 0  # never attempted
     assert_failed(one(tel.spans(), "sage.handshake.process"), "session_capacity")
 
+
+async def test_a_chain_outside_the_enum_is_counted_as_other(tel: Captured) -> None:
     resolver = DIDResolver(InMemoryRegistry())
     with pytest.raises(InvalidMessageError):
         await resolver.resolve("did:sage:bitcoin:1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2")

@@ -154,7 +154,7 @@ def test_skewed_timestamp_is_refused(link: Link, offset: float) -> None:
         link.receive(message)
     assert info.value.code == "timestamp_skew"
     # The refusal does not consume the nonce or the sequence number.
-    assert link.b.last_recv_seq == 0 and len(link.b_validator.nonces) == 0
+    assert link.b.last_recv_seq == 0 and len(link.b_validator.nonces(link.b)) == 0
 
 
 @pytest.mark.parametrize("offset", [TIMESTAMP_TOLERANCE - 1, -(TIMESTAMP_TOLERANCE - 1)])
@@ -420,17 +420,32 @@ def test_nonce_cache_never_revalidates_a_marked_nonce(max_size: int, steps) -> N
             assert cache.check(old_key, old_stamp) is not NonceStatus.VALID
 
 
-def test_validator_refuses_replay_after_eviction(clock) -> None:
-    link = Link(clock)
-    link.b_validator = MessageValidator(NonceCache(max_size=2, clock=clock), clock=clock)
-    messages = [link.send(f"m{i}", now_ns=link.clock.ns + 5 * 10**9 + i * 10**6) for i in range(4)]
+def test_replay_state_is_the_sessions_own_and_bounded_by_its_message_limit(clock) -> None:
+    link = Link(clock, b_limits=SessionLimits(max_messages=4))
+    messages = [link.send(f"m{i}", now_ns=link.clock.ns + i * 10**6) for i in range(3)]
     for index, message in enumerate(messages):
         assert link.receive(message) == f"m{index}"
-    assert len(link.b_validator.nonces) == 2
-    # The evicted nonce is refused by the nonce window itself, before the sequence check.
-    assert link.b_validator.validate_nonce(messages[0]) is NonceStatus.EXPIRED
-    with pytest.raises(TimestampSkewError) as info:
-        link.receive(messages[0])
-    assert info.value.code == "nonce_expired"
+    cache = link.b_validator.nonces(link.b)
+    assert cache is link.b.replays and cache.max_size == 4 and len(cache) == 3
+    assert link.b_validator.validate_nonce(link.b, messages[0]) is NonceStatus.INVALID
     with pytest.raises(ReplayError):
-        link.receive(messages[3])
+        link.receive(messages[2])
+    link.b.close()
+    assert link.b.replays is None  # dropped with the session
+
+
+def test_one_sessions_flood_cannot_refuse_another_sessions_messages(clock) -> None:
+    """The attack on a shared, bounded cache: a peer fills it with messages stamped ahead
+    of the clock, raising its floor into the future. With per-session state it raises only
+    its own session's floor."""
+    roomy = SessionLimits(max_messages=200_000)
+    attacker, victim = Link(clock, b_limits=roomy), Link(clock, b_limits=roomy)
+    victim.b_validator = attacker.b_validator  # one server: one validator for both
+    ahead = clock.ns + int((TIMESTAMP_TOLERANCE - 1) * 1e9)
+    for i in range(2_000):
+        attacker.receive(attacker.send("flood", now_ns=ahead + i))
+    attacker.b.replays.max_size = 1_000  # and even if its own cache had to evict
+    for i in range(1_500):
+        attacker.receive(attacker.send("flood", now_ns=ahead + 10_000 + i))
+    assert attacker.b.replays.floor * 1e9 > clock.ns  # its floor moved into the future
+    assert victim.receive(victim.send("fresh", now_ns=clock.ns)) == "fresh"

@@ -19,6 +19,7 @@ class ErrorCategory(str, Enum):
     UNKNOWN_DID = "unknown_did"
     SIGNATURE = "signature"
     CRYPTO = "crypto"
+    OVERLOAD = "overload"
     INTERNAL = "internal"
 
 
@@ -106,6 +107,31 @@ class SessionExpiredError(SageError):
     code = "session_expired"
     category = ErrorCategory.EXPIRED
     http_status = 410
+
+
+class OverloadError(SageError):
+    """A limit was reached: try again after ``retry_after`` seconds (sent as Retry-After)."""
+
+    code = "overloaded"
+    category = ErrorCategory.OVERLOAD
+    http_status = 503
+
+    def __init__(self, message: str = "", *, code: str | None = None, retry_after: float = 1.0):
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(retry_after + 0.999))
+
+
+class RateLimitedError(OverloadError):
+    """This peer's own limit was reached; other peers are unaffected."""
+
+    code = "rate_limited"
+    http_status = 429
+
+
+class InternalError(SageError):
+    """An unexpected failure inside the agent: logged and counted, answered without detail."""
+
+    code = "internal_error"
 
 
 class HandshakeTimeoutError(SageError):

@@ -25,7 +25,13 @@ from .canonical import go_json
 from .did import DIDDocument, DIDResolver
 from .encoding import b64url, format_rfc3339, from_b64url, parse_rfc3339
 from .entropy import SYSTEM, Entropy
-from .errors import InvalidMessageError, ReplayError, SignatureError, TimestampSkewError
+from .errors import (
+    InvalidMessageError,
+    RateLimitedError,
+    ReplayError,
+    SignatureError,
+    TimestampSkewError,
+)
 from .identity import AgentIdentity, parse_did
 from .keyschedule import (
     ack_tag,
@@ -36,7 +42,7 @@ from .keyschedule import (
     transcript_hash,
     x25519_e2e,
 )
-from .message import NonceCache, NonceStatus
+from .replay import NonceStatus, ScopedNonceCaches
 from .session import PeerProfile, Role, Session, SessionManager
 
 TASK = "hpke/complete@v1"
@@ -44,6 +50,8 @@ VERSION = "v1"
 HANDSHAKE_SKEW = 120.0
 HANDSHAKE_REPLAY_TTL = 600.0
 MAX_FIELD_BYTES = 1024  # ctx, nonce and kid travel with 16-bit length prefixes in the ackTag
+MAX_PAYLOAD_BYTES = 8192  # a real init payload is about 1 KiB
+REPLAYS_PER_DID = 4096  # handshake nonces kept per sender DID within the replay TTL
 _REQUEST_FIELDS = ("initDid", "respDid", "info", "exportCtx", "nonce", "ts", "enc", "ephC")
 # The answer is signed over the reference's struct (serverSigEnvelope) in this field order.
 ANSWER_FIELDS = (
@@ -223,42 +231,74 @@ class Initiator:
             pending.wipe()
 
 
+class HandshakeLimiter:
+    """Handshakes per sender DID: a moving window (``limits``), checked after the signature.
+
+    Keyed by the verified DID, so nobody can spend another peer's allowance.
+    """
+
+    def __init__(self, rate: str = "50/second") -> None:
+        from limits import parse
+        from limits.storage import MemoryStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.item = parse(rate)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def hit(self, did: object) -> None:
+        key = str(did)
+        if not self._limiter.hit(self.item, key):
+            reset, _ = self._limiter.get_window_stats(self.item, key)
+            raise RateLimitedError(
+                "handshake rate limit for this peer",
+                code="handshake_rate_limited",
+                retry_after=reset - time.time(),
+            )
+
+
 class Responder:
     def __init__(
         self,
         identity: AgentIdentity,
         resolver: DIDResolver,
         sessions: SessionManager,
-        replay_cache: NonceCache | None = None,
+        replays: ScopedNonceCaches | None = None,
         clock=time.time,
         entropy: Entropy = SYSTEM,
+        limiter: HandshakeLimiter | None = None,
     ) -> None:
         self.identity = identity
         self.resolver = resolver
         self.sessions = sessions
         self.clock = clock
         self.entropy = entropy
+        self.limiter = limiter if limiter is not None else HandshakeLimiter()
         self.replays = (
-            replay_cache
-            if replay_cache is not None
-            else NonceCache(ttl=HANDSHAKE_REPLAY_TTL, clock=clock)
+            replays
+            if replays is not None
+            else ScopedNonceCaches(HANDSHAKE_REPLAY_TTL, REPLAYS_PER_DID, clock)
         )
 
     async def process(
         self, sender_did: str, payload: bytes, signature: bytes, ctx_id: str | None = None
     ) -> tuple[dict[str, str], Session]:
-        """Check the request in the protocol's order, answer it, create the session.
+        """Check the request, cheapest checks first, answer it, create the session.
 
+        Order: size and shape of the payload, DIDs (sender = ``initDid``, ``respDid`` = us),
+        timestamp, context, ``info``/``exportCtx``, key sizes, replay (read only), then the
+        costly part: DID resolution (cached, unknown DIDs too), the signature, the sender's
+        rate limit and session allowance, and only then is the replay key reserved and the
+        HPKE work done. Nothing a request changes before its signature verifies.
         ``ctx_id`` is the envelope's ``context_id`` (what the reference binds); without an
         envelope it is read from ``exportCtx``, which must name it either way.
         """
-        sender = await self.resolver.resolve(sender_did)
-        sender.verify(payload, signature)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise InvalidMessageError("handshake payload too large", code="bad_handshake")
         fields = _load_json_object(payload, "handshake payload")
         missing = [k for k in _REQUEST_FIELDS if not fields.get(k)]
         if missing:
             raise InvalidMessageError(f"handshake payload lacks {missing[0]}", code="bad_handshake")
-        if any(len(fields[k]) > MAX_FIELD_BYTES for k in ("nonce", "initDid", "respDid")):
+        if any(len(value) > MAX_FIELD_BYTES for value in fields.values()) or len(fields) > 16:
             raise InvalidMessageError("handshake field too long", code="bad_handshake")
         try:
             profile = PeerProfile(fields.get(PROFILE_FIELD, PeerProfile.GO.value))
@@ -266,24 +306,17 @@ class Responder:
             raise InvalidMessageError("unknown peer profile", code="bad_handshake") from None
         # DIDs compare as DIDs (aliases, address case); the strings as sent are what the
         # key schedule binds, on both sides.
-        if (
-            parse_did(fields["initDid"]) != sender.did
-            or parse_did(fields["respDid"]) != self.identity.did
+        sender = parse_did(sender_did)
+        if parse_did(fields["initDid"]) != sender or parse_did(fields["respDid"]) != (
+            self.identity.did
         ):
             raise InvalidMessageError("handshake DIDs do not match", code="did_mismatch")
         ts = parse_rfc3339(fields["ts"], "ts") / 1e9
-        now = self.clock()
-        if abs(ts - now) > HANDSHAKE_SKEW:
+        if abs(ts - self.clock()) > HANDSHAKE_SKEW:
             raise TimestampSkewError("handshake timestamp outside tolerance")
         ctx_id = _ctx_from_export(fields["exportCtx"]) if ctx_id is None else ctx_id
         if not ctx_id or len(ctx_id) > MAX_FIELD_BYTES:
             raise InvalidMessageError("handshake lacks a context id", code="bad_handshake")
-        replay_key = f"{ctx_id}|{fields['nonce']}".encode()
-        status = self.replays.check(replay_key, ts)
-        if status is NonceStatus.INVALID:
-            raise ReplayError("handshake replayed", code="handshake_replay")
-        if status is NonceStatus.EXPIRED:
-            raise TimestampSkewError("handshake outside the replay window", code="nonce_expired")
         init_did, resp_did = fields["initDid"], fields["respDid"]
         info = build_info(ctx_id, init_did, resp_did)
         export_ctx = build_export_ctx(ctx_id)
@@ -292,7 +325,17 @@ class Responder:
         enc, eph_c = from_b64url(fields["enc"], "enc"), from_b64url(fields["ephC"], "ephC")
         if len(enc) != 32 or len(eph_c) != 32:
             raise InvalidMessageError("enc and ephC must be 32 bytes", code="bad_handshake")
-        self.replays.mark(replay_key, ts)
+        replays = self.replays.scope(sender)
+        replay_key = f"{ctx_id}|{fields['nonce']}".encode()
+        _check_replay(replays.check(replay_key, ts))
+
+        document = await self.resolver.resolve(sender)
+        document.verify(payload, signature)
+        self.limiter.hit(sender)
+        self.sessions.admit(init_did)
+        if not replays.mark_new(replay_key, ts):  # a concurrent twin won since the check
+            raise ReplayError("handshake replayed", code="handshake_replay")
+
         context = hpke.setup_base_receiver(enc, self.identity.kem.private, info)
         eph_s_private = self.entropy.random(32)
         eph_s = hpke.public_key(eph_s_private)
@@ -325,6 +368,13 @@ class Responder:
             profile=profile,
         )
         return response, session
+
+
+def _check_replay(status: NonceStatus) -> None:
+    if status is NonceStatus.INVALID:
+        raise ReplayError("handshake replayed", code="handshake_replay")
+    if status is NonceStatus.EXPIRED:
+        raise TimestampSkewError("handshake outside the replay window", code="nonce_expired")
 
 
 def _ctx_from_export(export_ctx: str) -> str:

@@ -23,7 +23,6 @@ import hashlib
 import os
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -38,6 +37,7 @@ from .errors import (
     SignatureError,
     TimestampSkewError,
 )
+from .replay import NonceCache, NonceStatus
 from .session import PeerProfile, Session
 
 NONCE_SIZE = 16
@@ -64,12 +64,6 @@ MAX_MESSAGE_ID = 256
 class MessageType(str, Enum):
     TEXT = "text"
     BINARY = "binary"
-
-
-class NonceStatus(str, Enum):
-    VALID = "valid"
-    INVALID = "invalid"  # seen before: a replay
-    EXPIRED = "expired"  # outside the time window the cache can vouch for
 
 
 @dataclass(frozen=True)
@@ -160,11 +154,6 @@ def signature_base(message: SecureMessage, method: str, path: str) -> bytes:
         f'"sage-timestamp": {message.timestamp_ns}\n'
         f'"@signature-params": {signature_params(message)[5:]}'
     ).encode()
-
-
-def _nonce_key(message: SecureMessage) -> bytes:
-    """Nonces are unique per session: the cache key binds the two."""
-    return message.session_id.encode() + message.nonce
 
 
 def _aad(session_id: str, seq: int, nonce: bytes, mtype: MessageType) -> bytes:
@@ -285,75 +274,35 @@ def _parse_go_metadata(session: Session, metadata: object) -> int:
     return int(match.group(2))
 
 
-class NonceCache:
-    """Nonces seen within ``ttl``, bounded to ``max_size`` entries.
-
-    When full, the oldest entry is evicted and the cache stops vouching for anything
-    timestamped before it (``floor``): such messages are refused as expired, never
-    accepted, so a bounded cache cannot reopen a replay window.
-    """
-
-    def __init__(
-        self,
-        ttl: float = NONCE_TTL,
-        max_size: int = 100_000,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.ttl = ttl
-        self.max_size = max_size
-        self.clock = clock
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
-        self.floor = 0.0
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def _prune(self, now: float) -> None:
-        seen = self._seen
-        while seen:
-            key, stamp = next(iter(seen.items()))
-            if stamp + self.ttl > now:
-                break
-            del seen[key]
-
-    def check(self, key: bytes, timestamp: float) -> NonceStatus:
-        now = self.clock()
-        self._prune(now)
-        if timestamp <= self.floor or timestamp + self.ttl <= now:
-            return NonceStatus.EXPIRED
-        if key in self._seen:
-            return NonceStatus.INVALID
-        return NonceStatus.VALID
-
-    def mark(self, key: bytes, timestamp: float | None = None) -> None:
-        """Remember ``key``; ``timestamp`` is the message's own, which may run ahead of the clock.
-
-        An entry is kept (and, once evicted, raises the floor) to the later of the two, so
-        neither pruning nor eviction can let a replay of it through as fresh.
-        """
-        now = self.clock()
-        self._seen[key] = now if timestamp is None else max(now, timestamp)
-        while len(self._seen) > self.max_size:
-            _, stamp = self._seen.popitem(last=False)
-            self.floor = max(self.floor, stamp)
-
-
 class MessageValidator:
     """Checks inbound messages in the protocol's order and opens them."""
 
     def __init__(
         self,
-        nonces: NonceCache | None = None,
         tolerance: float = TIMESTAMP_TOLERANCE,
         clock: Callable[[], float] = time.time,
+        nonce_ttl: float = NONCE_TTL,
     ) -> None:
-        self.nonces = nonces if nonces is not None else NonceCache(clock=clock)
         self.tolerance = tolerance
         self.clock = clock
+        self.nonce_ttl = nonce_ttl
 
-    def validate_nonce(self, message: SecureMessage) -> NonceStatus:
-        """Whether ``message``'s nonce is fresh, without marking it seen."""
-        return self.nonces.check(_nonce_key(message), message.timestamp_ns / 1e9)
+    def nonces(self, session: Session) -> NonceCache:
+        """The session's own replay state, bounded by its message limit.
+
+        A session accepts at most ``max_messages`` messages, so its cache never has to
+        evict; if it ever did, the raised floor would refuse only this session's input.
+        """
+        cache = session.replays
+        if cache is None:
+            cache = session.replays = NonceCache(
+                self.nonce_ttl, session.limits.max_messages, self.clock
+            )
+        return cache
+
+    def validate_nonce(self, session: Session, message: SecureMessage) -> NonceStatus:
+        """Whether ``message``'s nonce is fresh in ``session``, without marking it seen."""
+        return self.nonces(session).check(message.nonce, message.timestamp_ns / 1e9)
 
     def open_wire(
         self,
@@ -399,13 +348,13 @@ class MessageValidator:
         session.verify(base, envelope.signature)
         if abs(created - self.clock()) > self.tolerance:
             raise TimestampSkewError("timestamp outside tolerance")
-        key = session.id.encode() + b"|" + envelope.id.encode()
-        status = self.nonces.check(key, float(created))
+        nonces, key = self.nonces(session), envelope.id.encode()
+        status = nonces.check(key, float(created))
         if status is NonceStatus.INVALID:
             raise ReplayError("message id already seen")
         if status is NonceStatus.EXPIRED:
             raise TimestampSkewError("nonce window expired", code="nonce_expired")
-        self.nonces.mark(key, float(created))
+        nonces.mark(key, float(created))
         session.note_received()
         return session.decrypt(sealed, b"")
 
@@ -421,15 +370,15 @@ class MessageValidator:
         sent_at = message.timestamp_ns / 1e9
         if abs(sent_at - self.clock()) > self.tolerance:
             raise TimestampSkewError("timestamp outside tolerance")
-        key = _nonce_key(message)
-        status = self.nonces.check(key, sent_at)
+        nonces, key = self.nonces(session), message.nonce
+        status = nonces.check(key, sent_at)
         if status is NonceStatus.INVALID:
             raise ReplayError("nonce already seen")
         if status is NonceStatus.EXPIRED:
             raise TimestampSkewError("nonce window expired", code="nonce_expired")
         if message.seq <= session.last_recv_seq:
             raise SequenceError("sequence number not increasing")
-        self.nonces.mark(key, sent_at)
+        nonces.mark(key, sent_at)
         session.last_recv_seq = message.seq
         session.note_received()
         plaintext = session.decrypt(

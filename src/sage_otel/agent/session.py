@@ -19,11 +19,14 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from .errors import (
     CryptoError,
+    OverloadError,
+    RateLimitedError,
     SageError,
     SessionExpiredError,
     SessionNotFoundError,
     SignatureError,
 )
+from .identity import parse_did
 from .keyschedule import directional_keys
 
 AEAD_NONCE_SIZE = 12
@@ -87,6 +90,7 @@ class Session:
         "next_send_seq",
         "peer_did",
         "profile",
+        "replays",
         "role",
     )
 
@@ -129,6 +133,7 @@ class Session:
         self.peer_did = peer_did
         self.kid = kid
         self.profile = profile
+        self.replays: object | None = None  # the session's NonceCache, made on first use
         self.limits = limits
         self.clock = clock
         self.created_at = self.last_used = clock()
@@ -209,10 +214,15 @@ class Session:
         self._use(inbound=True)
 
     def close(self, reason: EndReason = EndReason.CLOSED) -> None:
-        """Zero the key material and refuse any further use."""
+        """Overwrite the key buffers with zeros and refuse any further use.
+
+        Best effort, not erasure: the AEAD objects hold their own copies inside OpenSSL
+        (released, not wiped, when dropped here), and Python may have copied a key before.
+        """
         if self._closed:
             return
         self._closed = True
+        self.replays = None
         self.end_reason = reason
         for secret in self._secrets:
             secret[:] = bytes(len(secret))
@@ -220,18 +230,26 @@ class Session:
 
 
 class SessionManager:
-    """Owns live sessions by id; expired ones are closed on touch or by :meth:`sweep`."""
+    """Owns live sessions by id; expired ones are closed on touch or by :meth:`sweep`.
+
+    ``max_sessions`` bounds them all (beyond it: 503 ``session_capacity``);
+    ``max_sessions_per_peer`` bounds each peer DID's share (beyond it: 429
+    ``peer_session_limit``), so one peer cannot take the table from the others.
+    """
 
     def __init__(
         self,
         limits: SessionLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_sessions: int = 100_000,
+        max_sessions_per_peer: int = 64,
     ) -> None:
         self.limits = limits or SessionLimits()
         self.clock = clock
         self.max_sessions = max_sessions
+        self.max_sessions_per_peer = max_sessions_per_peer
         self._sessions: dict[str, Session] = {}
+        self._per_peer: dict[object, int] = {}
 
     @property
     def active_count(self) -> int:
@@ -249,8 +267,7 @@ class SessionManager:
     ) -> Session:
         if session_id in self._sessions:
             raise SageError("session id already in use", code="session_exists")
-        if len(self._sessions) >= self.max_sessions:
-            raise SageError("too many sessions", code="session_capacity")
+        self.admit(peer_did)
         session = Session(
             session_id,
             role,
@@ -262,7 +279,25 @@ class SessionManager:
             profile=profile,
         )
         self._sessions[session_id] = session
+        key = _peer_key(peer_did)
+        self._per_peer[key] = self._per_peer.get(key, 0) + 1
         return session
+
+    def admit(self, peer_did: str) -> None:
+        """Raise unless one more session with ``peer_did`` fits; cheap, so checked early."""
+        if len(self._sessions) >= self.max_sessions:
+            raise OverloadError("session table full", code="session_capacity")
+        if self._per_peer.get(_peer_key(peer_did), 0) >= self.max_sessions_per_peer:
+            raise RateLimitedError("too many sessions for this peer", code="peer_session_limit")
+
+    def _forget(self, session: Session) -> None:
+        del self._sessions[session.id]
+        key = _peer_key(session.peer_did)
+        left = self._per_peer.get(key, 1) - 1
+        if left > 0:
+            self._per_peer[key] = left
+        else:
+            self._per_peer.pop(key, None)
 
     def get(self, session_id: str) -> Session:
         """The live session, or a typed error; a session found past a limit is expired here."""
@@ -276,9 +311,10 @@ class SessionManager:
         return session
 
     def close(self, session_id: str) -> bool:
-        session = self._sessions.pop(session_id, None)
+        session = self._sessions.get(session_id)
         if session is None:
             return False
+        self._forget(session)
         session.close(EndReason.CLOSED)
         return True
 
@@ -286,7 +322,7 @@ class SessionManager:
         """Remove a session that passed a limit and zero its keys; False if it was not live."""
         live = self._sessions.get(session.id) is session
         if live:
-            del self._sessions[session.id]
+            self._forget(session)
         session.close(reason)
         return live
 
@@ -301,3 +337,11 @@ class SessionManager:
     def close_all(self) -> None:
         for session_id in list(self._sessions):
             self.close(session_id)
+
+
+def _peer_key(peer_did: str) -> object:
+    """A peer counts once however it spells its DID (aliases, address case)."""
+    try:
+        return parse_did(peer_did)
+    except SageError:
+        return peer_did

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import json
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,7 @@ from .errors import (
     peer_error_from_text,
 )
 from .handshake import TASK as HANDSHAKE_TASK
-from .handshake import Initiator, Responder
+from .handshake import HandshakeLimiter, Initiator, Responder
 from .identity import AgentIdentity, parse_did
 from .message import MessageValidator, seal, seal_go
 from .session import EndReason, PeerProfile, Role, Session, SessionManager
@@ -236,16 +237,20 @@ class ServerAgent:
         sweep_interval: float = 1.0,
         entropy: Entropy = SYSTEM,
         clock: Callable[[], float] | None = None,
+        handshake_rate: str = "50/second",
     ) -> None:
         self.identity = identity
         self.resolver = resolver
         self.sessions = sessions or SessionManager()
         self.validator = validator or MessageValidator()
         self.entropy = entropy
-        self.responder = (
-            Responder(identity, resolver, self.sessions, entropy=entropy)
-            if clock is None
-            else Responder(identity, resolver, self.sessions, clock=clock, entropy=entropy)
+        self.responder = Responder(
+            identity,
+            resolver,
+            self.sessions,
+            clock=clock or time.time,
+            entropy=entropy,
+            limiter=HandshakeLimiter(handshake_rate),
         )
         self.handler: Handler = handler or _default_handler
         self.max_body = max_body

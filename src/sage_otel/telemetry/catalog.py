@@ -90,6 +90,7 @@ HANDSHAKE_ERROR_TYPES = (
     "unknown_did",
     "replay",
     "crypto",
+    "overload",
 )
 
 SESSION_DURATION_BUCKETS = exponential(0.0001, 2, 15)  # 0.1 ms .. 1.6 s

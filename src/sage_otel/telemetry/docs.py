@@ -162,6 +162,7 @@ ERROR_TYPE_MEANINGS: dict[str, str] = {
     "unknown_did": "the DID is not registered, or the agent is deactivated",
     "replay": "the handshake request was replayed",
     "crypto": "an HPKE or X25519 operation failed",
+    "overload": "a limit refused it: the sender's handshake rate or session share, or a full session table",
 }
 PLAN_ERROR_TYPES = ("timeout", "invalid", "network")  # the monitoring plan's §2.1 values
 
