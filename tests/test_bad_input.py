@@ -143,7 +143,9 @@ async def _chunked(ctx: Ctx) -> httpx.Response:
             yield b"A" * 1024
         yield b'"}'
 
-    answer = await ctx.http.post(ctx.url, content=body())
+    answer = await ctx.http.post(
+        ctx.url, content=body(), headers={"content-type": "application/json"}
+    )
     assert answer.request.headers.get("transfer-encoding") == "chunked"
     assert "content-length" not in answer.request.headers
     return answer
@@ -204,7 +206,18 @@ CASES: list[tuple[str, Builder, int, str]] = [
     ("metadata list", lambda c: c.message(metadata=[1, 2]), 400, "wrong_type"),
     ("metadata string", lambda c: c.message(metadata="seq=1"), 400, "wrong_type"),
     ("payload not string", lambda c: c.message(payload=12345), 400, "bad_base64"),
-    ("signature not string", lambda c: c.message(signature=[]), 400, "bad_base64"),
+    ("signature not string", lambda c: c.message(signature=[]), 400, "wrong_type"),
+    ("signature too long", lambda c: c.message(signature="A" * 2048), 400, "wrong_type"),
+    ("metadata key upper case", lambda c: c.with_metadata(Seq="1"), 400, "bad_metadata"),
+    ("metadata key too long", lambda c: c.with_metadata(**{"k" * 33: "v"}), 400, "bad_metadata"),
+    ("metadata value too long", lambda c: c.with_metadata(note="v" * 1025), 400, "bad_metadata"),
+    (
+        "metadata too many keys",
+        lambda c: c.with_metadata(**{f"k{i}": "v" for i in range(40)}),
+        400,
+        "wrong_type",
+    ),
+    ("id too long", lambda c: c.message(id="i" * 257), 400, "wrong_type"),
     ("task_id missing", lambda c: {"id": "x", "payload": ""}, 400, "missing_field"),
     ("task_id empty", lambda c: c.message(task_id=""), 400, "missing_field"),
     ("unknown task_id", lambda c: c.message(task_id="sage/unknown@v9"), 400, "unknown_task"),

@@ -304,17 +304,31 @@ async def test_resolver_accepts_aliases_and_rejects_garbage(clock) -> None:
     assert registry.lookups == 1
 
 
-async def test_resolver_unknown_did_is_refused_and_not_cached(clock) -> None:
+async def test_resolver_remembers_unknown_dids_briefly(clock) -> None:
+    """A flood from unregistered DIDs costs one registry lookup per DID per negative TTL."""
     registry = CountingRegistry()
     identity = AgentIdentity.generate(Chain.ETHEREUM)
-    resolver = DIDResolver(registry, clock=clock)
-    for _ in range(2):
+    resolver = DIDResolver(registry, clock=clock, negative_ttl=5.0)
+    for _ in range(100):
         with pytest.raises(UnknownDIDError) as info:
             await resolver.resolve(identity.did)
         assert info.value.code == "unknown_did" and info.value.http_status == 403
-    assert registry.lookups == 2
+    assert registry.lookups == 1
     doc = await register(registry, identity)
-    assert await resolver.resolve(identity.did) == doc
+    with pytest.raises(UnknownDIDError):  # still remembered as unknown
+        await resolver.resolve(identity.did)
+    clock.advance(5.0)
+    assert await resolver.resolve(identity.did) == doc  # a refusal is never cached long
+    assert registry.lookups == 2
+
+
+async def test_resolver_negative_cache_is_bounded(clock) -> None:
+    registry = CountingRegistry()
+    resolver = DIDResolver(registry, clock=clock, max_entries=10)
+    for _ in range(50):
+        with pytest.raises(UnknownDIDError):
+            await resolver.resolve(AgentIdentity.generate(Chain.SOLANA).did)
+    assert len(resolver._misses) == 10
 
 
 @pytest.mark.parametrize("refresh", ["invalidate_one", "invalidate_all", "ttl"])
@@ -336,8 +350,8 @@ async def test_resolver_refuses_deactivated_agent_once_cache_refreshes(clock, re
             await resolver.resolve(identity.did)
         assert info.value.code == "inactive_agent"
         assert isinstance(info.value, UnknownDIDError)
-    # A refusal is never cached as an acceptance: each attempt asks the registry.
-    assert registry.lookups == 3
+    # The refusal is remembered for the negative TTL, as a refusal.
+    assert registry.lookups == 2
 
 
 async def test_resolver_refuses_document_registered_inactive(clock) -> None:

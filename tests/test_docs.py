@@ -45,6 +45,7 @@ def test_every_instrument_has_one_section() -> None:
         "Crypto",
         "DID",
         "Messages",
+        "Requests",
     ]
     placed = [i.key for _title, _about, items in sections for i in items]
     assert sorted(placed) == sorted(BY_KEY)

@@ -89,6 +89,28 @@ PLAN: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sage_message_size_bytes": ("histogram", {}),
 }
 
+# Beyond the plan: what the server refused, by the closed set of error categories.
+EXTRAS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
+    "sage_requests_refused_total": (
+        "counter",
+        {
+            "category": (
+                "invalid",
+                "signature",
+                "crypto",
+                "replay",
+                "expired",
+                "unknown_did",
+                "overload",
+                "timeout",
+                "network",
+                "internal",
+            )
+        },
+    ),
+}
+EXPOSED = {**PLAN, **EXTRAS}
+
 # The plan's bucket formulas (Prometheus ExponentialBuckets(start, factor, count)).
 PLAN_BUCKETS: dict[str, list[float]] = {
     "sage_session_duration_seconds": [0.0001 * 2**i for i in range(15)],
@@ -107,7 +129,7 @@ DEMO_DURATION = 5.0
 
 def family_name(prometheus_name: str) -> str:
     """The family name the prometheus_client parsers report (counters lose ``_total``)."""
-    kind = PLAN[prometheus_name][0]
+    kind = EXPOSED[prometheus_name][0]
     return prometheus_name.removesuffix("_total") if kind == "counter" else prometheus_name
 
 
@@ -120,14 +142,15 @@ def combinations(labels: dict[str, tuple[str, ...]]) -> list[dict[str, str]]:
 
 
 def test_plan_names_are_exactly_the_catalog() -> None:
+    """Every §2.1 name, and only the listed extras beside them."""
     assert len(PLAN) == 21
-    assert sorted(CATALOG) == sorted(PLAN)
-    assert len(INSTRUMENTS) == 21
+    assert sorted(CATALOG) == sorted(EXPOSED)
+    assert len(INSTRUMENTS) == 22
 
 
-@pytest.mark.parametrize("name", sorted(PLAN))
+@pytest.mark.parametrize("name", sorted(EXPOSED))
 def test_catalog_matches_plan_types_labels_and_values(name: str) -> None:
-    kind, labels = PLAN[name]
+    kind, labels = EXPOSED[name]
     instrument = CATALOG[name]
     assert instrument.prometheus_type == kind
     assert set(instrument.label_keys) == set(labels)
@@ -164,7 +187,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def sample_value(families: dict[str, Any], name: str, **labels: str) -> float:
     family = families[family_name(name)]
-    sample_name = name if PLAN[name][0] != "histogram" else name + "_count"
+    sample_name = name if EXPOSED[name][0] != "histogram" else name + "_count"
     return sum(
         s.value
         for s in family.samples
@@ -267,12 +290,12 @@ def test_content_negotiation(scrape: Scrape) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["openmetrics", "text"])
-@pytest.mark.parametrize("name", sorted(PLAN))
+@pytest.mark.parametrize("name", sorted(EXPOSED))
 def test_every_plan_metric_has_its_type_labels_and_series(
     scrape: Scrape, fmt: str, name: str
 ) -> None:
     families = getattr(scrape, fmt)
-    kind, labels = PLAN[name]
+    kind, labels = EXPOSED[name]
     family = families.get(family_name(name))
     assert family is not None, f"{name} missing from the {fmt} scrape"
     assert family.type == kind
@@ -400,7 +423,7 @@ def test_text_format_has_no_exemplars_and_parses(scrape: Scrape) -> None:
     assert all(s.exemplar is None for f in scrape.text.values() for s in f.samples)
     sage_text = {n for n in scrape.text if n.startswith("sage_")}
     sage_om = {n for n in scrape.openmetrics if n.startswith("sage_")}
-    assert sage_text == sage_om == {family_name(n) for n in PLAN}
+    assert sage_text == sage_om == {family_name(n) for n in EXPOSED}
 
 
 @pytest.mark.parametrize("fmt", ["openmetrics", "text"])

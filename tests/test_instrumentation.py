@@ -1230,3 +1230,23 @@ async def test_a_reference_shaped_refusal_counts_as_its_bounded_category(
     assert_refused_by_peer(span, info.value)
     assert span.attributes["error.type"] == "peer_replay"
     assert "replay detected" not in str(dict(span.attributes))  # peer text never exported
+
+
+async def test_every_refusal_is_counted_by_category(
+    tel: Captured, start_server: StartServer, make_client: MakeClient
+) -> None:
+    import httpx
+
+    server, url = await start_server(handshake_rate="1/minute")
+    client = await make_client()
+    await client.connect(url, str(server.identity.did))
+    with pytest.raises(PeerError):
+        await client.connect(url, str(server.identity.did))  # overload: rate limited
+    async with httpx.AsyncClient() as http:
+        await http.get(url + "/messages")  # invalid: method not allowed
+        await http.post(url + "/messages", content=b"{")  # invalid: not JSON content type
+        await http.post(url + "/elsewhere", content=b"{}")  # invalid: not found
+    snap = tel.snapshot()
+    assert snap.value("requests_refused", category="overload") == 1
+    assert snap.value("requests_refused", category="invalid") == 3
+    assert snap.total("requests_refused") == 4

@@ -54,7 +54,13 @@ from . import __version__
 from .agent import did, handshake, identity, message, session, transport
 from .agent.errors import CryptoError, PeerError, SageError, SignatureError, category_of
 from .agent.identity import CHAIN_ALIASES, DID
-from .telemetry.catalog import ALGORITHMS, CHAINS, HANDSHAKE_ERROR_TYPES, OTHER
+from .telemetry.catalog import (
+    ALGORITHMS,
+    CHAINS,
+    HANDSHAKE_ERROR_TYPES,
+    OTHER,
+    REFUSAL_CATEGORIES,
+)
 from .telemetry.meters import Meters
 
 _logger = logging.getLogger(__name__)
@@ -715,6 +721,23 @@ def _wrap_dispatch(kit: _Kit):
     return _span_around(kit, SpanKind.SERVER, describe)
 
 
+def _wrap_refuse(kit: _Kit):
+    """ServerAgent.refuse: every typed refusal, counted by its (closed) category."""
+    refused = {c: kit.meters.counter("requests_refused", category=c) for c in REFUSAL_CATEGORIES}
+    other = kit.meters.counter("requests_refused", category=OTHER)
+
+    def record(error: object) -> None:
+        category = category_of(error).value if isinstance(error, BaseException) else OTHER
+        refused.get(category, other).add(1, _exemplar(kit.current_span()))
+
+    def wrapper(wrapped, instance, args, kwargs):
+        if is_instrumentation_enabled():
+            _safely(record, args[0] if args else kwargs.get("error"))
+        return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
 # --- the instrumentor ---------------------------------------------------------------------
 
 _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
@@ -739,6 +762,7 @@ _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
     (transport.ClientAgent, "close", _wrap_close),
     (transport.ClientAgent, "post", _wrap_post),
     (transport.ServerAgent, "dispatch", _wrap_dispatch),
+    (transport.ServerAgent, "refuse", _wrap_refuse),
 )
 
 CRYPTO_DETAILS = ("handshake", "events", "spans", "none")

@@ -163,12 +163,20 @@ class JsonFileRegistry(Registry):
 
 @dataclass
 class DIDResolver:
-    """Resolve DIDs through a registry, caching active documents for ``ttl`` seconds."""
+    """Resolve DIDs through a registry, caching active documents for ``ttl`` seconds.
+
+    Unknown and inactive DIDs are remembered too, for ``negative_ttl`` seconds, so a flood
+    of requests from DIDs nobody registered costs the registry one lookup per DID per
+    ``negative_ttl``. Both caches are bounded (``max_entries`` each, oldest dropped).
+    """
 
     registry: Registry
     ttl: float = 60.0
     clock: Callable[[], float] = time.monotonic
+    negative_ttl: float = 5.0
+    max_entries: int = 100_000
     _cache: dict[DID, tuple[float, DIDDocument]] = field(default_factory=dict, repr=False)
+    _misses: dict[DID, tuple[float, bool]] = field(default_factory=dict, repr=False)
 
     async def resolve(self, did: DID | str) -> DIDDocument:
         did = parse_did(did) if isinstance(did, str) else did
@@ -176,18 +184,36 @@ class DIDResolver:
         hit = self._cache.get(did)
         if hit is not None and hit[0] > now:
             return hit[1]
+        miss = self._misses.get(did)
+        if miss is not None and miss[0] > now:
+            _raise_miss(miss[1])
         document = await self.registry.lookup(did)
-        if document is None:
+        if document is None or not document.active:
             self._cache.pop(did, None)
-            raise UnknownDIDError("DID is not registered")
-        if not document.active:
-            self._cache.pop(did, None)
-            raise InactiveAgentError("agent is inactive")
-        self._cache[did] = (now + self.ttl, document)
+            inactive = document is not None
+            _bounded_put(self._misses, did, (now + self.negative_ttl, inactive), self.max_entries)
+            _raise_miss(inactive)
+        self._misses.pop(did, None)
+        _bounded_put(self._cache, did, (now + self.ttl, document), self.max_entries)
         return document
 
     def invalidate(self, did: DID | None = None) -> None:
         if did is None:
             self._cache.clear()
+            self._misses.clear()
         else:
             self._cache.pop(did, None)
+            self._misses.pop(did, None)
+
+
+def _raise_miss(inactive: bool) -> None:
+    if inactive:
+        raise InactiveAgentError("agent is inactive")
+    raise UnknownDIDError("DID is not registered")
+
+
+def _bounded_put(cache: dict, key: object, value: object, bound: int) -> None:
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > bound:
+        del cache[next(iter(cache))]

@@ -50,6 +50,11 @@ class PayloadTooLargeError(InvalidMessageError):
     http_status = 413
 
 
+class UnsupportedMediaTypeError(InvalidMessageError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
 class TimestampSkewError(InvalidMessageError):
     code = "timestamp_skew"
 

@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import contextvars
 import json
+import logging
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,11 +43,14 @@ from .encoding import b64std, from_b64std
 from .entropy import SYSTEM, Entropy
 from .errors import (
     HandshakeTimeoutError,
+    InternalError,
     InvalidMessageError,
     NetworkError,
     PayloadTooLargeError,
     PeerError,
+    RateLimitedError,
     SageError,
+    UnsupportedMediaTypeError,
     peer_error_from_text,
 )
 from .handshake import TASK as HANDSHAKE_TASK
@@ -61,6 +66,10 @@ MESSAGES_PATH = "/messages"
 REPLY_METHOD = "RESPONSE"
 MAX_BODY_BYTES = 1 << 20
 MAX_METADATA_ENTRIES = 32
+MAX_METADATA_VALUE = 1024
+MAX_FIELD = 256  # id, context_id, task_id, did, role
+MAX_SIGNATURE = 1024  # base64 characters: a DER secp256k1 signature is about 100
+_METADATA_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 INBOX_SIZE = 256
 _ENVELOPE_STR_FIELDS = ("id", "context_id", "task_id", "did", "role")
 # Request headers the reference's client sets, and the envelope field each must agree with.
@@ -98,18 +107,23 @@ def parse_envelope(body: bytes, headers: Mapping[str, str] | None = None) -> Env
         raise InvalidMessageError("body must be a JSON object", code="malformed_json")
     for key in _ENVELOPE_STR_FIELDS:
         value = data.get(key, "")
-        if not isinstance(value, str) or len(value) > 512:
+        if not isinstance(value, str) or len(value) > MAX_FIELD:
             raise InvalidMessageError(f"{key} must be a short string", code="wrong_type")
     metadata = data.get("metadata") or {}
     if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_ENTRIES:
         raise InvalidMessageError("metadata must be a small object", code="wrong_type")
-    if not all(isinstance(v, str) for v in metadata.values()):
-        raise InvalidMessageError("metadata values must be strings", code="wrong_type")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise InvalidMessageError("metadata values must be strings", code="wrong_type")
+        if not _METADATA_KEY.fullmatch(key) or len(value) > MAX_METADATA_VALUE:
+            raise InvalidMessageError("metadata key or value out of bounds", code="bad_metadata")
+    signature = data.get("signature")
+    if signature is not None and (not isinstance(signature, str) or len(signature) > MAX_SIGNATURE):
+        raise InvalidMessageError("signature must be a short base64 string", code="wrong_type")
     if not data.get("task_id"):
         raise InvalidMessageError("task_id is required", code="missing_field")
     if not data.get("payload"):
         raise InvalidMessageError("payload is required", code="missing_field")
-    signature = data.get("signature")
     return Envelope(
         id=data.get("id") or SYSTEM.uuid4(),
         context_id=data.get("context_id", ""),
@@ -173,6 +187,17 @@ def answer_body(
 def error_answer(error: SageError, message_id: str = "", task_id: str = "") -> Response:
     body = answer_body(success=False, message_id=message_id, task_id=task_id, error=error)
     return Response(body, status_code=error.http_status, media_type="application/json")
+
+
+_logger = logging.getLogger(__name__)
+_defect_logged = False
+
+
+def _log_defect_once() -> None:
+    global _defect_logged
+    if not _defect_logged:
+        _defect_logged = True
+        _logger.exception("sage-otel: unexpected error answering a request (logged once)")
 
 
 def _default_handler(_session: Session, data: str | bytes) -> str | bytes:
@@ -292,8 +317,16 @@ class ServerAgent:
         status = getattr(exc, "status_code", 400)
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
         error = InvalidMessageError(f"{code.replace('_', ' ')}", code=code)
-        error.http_status = status
-        return error_answer(error)
+        error.http_status = status if 400 <= status < 500 else 400
+        return self.refuse(error)
+
+    def refuse(self, error: SageError, message_id: str = "", task_id: str = "") -> Response:
+        """Every refusal the server answers goes through here (and is counted here)."""
+        response = error_answer(error, message_id, task_id)
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            response.headers["retry-after"] = str(retry_after)
+        return response
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -310,6 +343,9 @@ class ServerAgent:
     async def _endpoint(self, request: Request) -> Response:
         envelope: Envelope | None = None
         try:
+            media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media_type != "application/json":
+                raise UnsupportedMediaTypeError("content-type must be application/json")
             envelope = parse_envelope(await self._read_body(request), request.headers)
             for header, name in _HEADER_FIELDS:
                 value = request.headers.get(header)
@@ -327,7 +363,11 @@ class ServerAgent:
             return Response(body, media_type="application/json")
         except SageError as error:
             ids = (envelope.id, envelope.task_id) if envelope else ("", "")
-            return error_answer(error, *ids)
+            return self.refuse(error, *ids)
+        except Exception:  # a defect, not the caller's fault: typed, logged once, counted
+            _log_defect_once()
+            ids = (envelope.id, envelope.task_id) if envelope else ("", "")
+            return self.refuse(InternalError("internal error"), *ids)
 
     async def dispatch(self, envelope: Envelope) -> Any:
         if envelope.task_id == HANDSHAKE_TASK:
@@ -387,9 +427,7 @@ class ServerAgent:
         try:
             self._inbox(session.id).put_nowait(plaintext)
         except asyncio.QueueFull:
-            error = SageError("inbox full: retry later", code="inbox_full")
-            error.http_status = 429
-            raise error from None
+            raise RateLimitedError("inbox full: retry later", code="inbox_full") from None
 
     async def next_message(self, session_id: str, timeout: float | None = None) -> str | bytes:
         """The next message a go-profile peer POSTed to this session."""
@@ -488,6 +526,7 @@ class ClientAgent:
         http: httpx.AsyncClient | None = None,
         handshake_timeout: float = 10.0,
         entropy: Entropy = SYSTEM,
+        sweep_interval: float = 1.0,
     ) -> None:
         self.identity = identity
         self.resolver = resolver
@@ -497,7 +536,9 @@ class ClientAgent:
         self.initiator = Initiator(identity, self.sessions, entropy)
         self.http = http or httpx.AsyncClient(timeout=10.0)
         self.handshake_timeout = handshake_timeout
+        self.sweep_interval = sweep_interval
         self.listener: ServerAgent | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def envelope(
         self,
@@ -558,7 +599,20 @@ class ClientAgent:
             raise NetworkError("request timed out", code="request_timeout") from exc
         except (httpx.TransportError, httpx.InvalidURL, ValueError) as exc:
             raise NetworkError("peer unreachable") from exc
-        return _read_answer(answer)
+        try:
+            return _read_answer(answer)
+        except PeerError as error:
+            if error.code in SESSION_GONE and isinstance(body, dict):
+                self._peer_ended(body.get("context_id", ""))
+            raise
+
+    def _peer_ended(self, session_id: str) -> None:
+        """The peer says the session is over: end it here too, keys included."""
+        try:
+            session = self.sessions.get(session_id)
+        except SageError:
+            return  # already ended here
+        self.sessions.expire(session, EndReason.PEER_ENDED)
 
     async def connect(
         self,
@@ -595,7 +649,18 @@ class ClientAgent:
             pending.wipe()
             raise
         session = self.initiator.finalize(pending, response)
+        self._start_sweeper()
         return Connection(base_url, str(peer.did), session)
+
+    def _start_sweeper(self) -> None:
+        """Expire aged and idle sessions here as the server does there (from the first one)."""
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            self.sessions.sweep()
 
     def message_envelope(
         self, conn: Connection, data: str | bytes, task_id: str = MESSAGE_TASK
@@ -632,12 +697,7 @@ class ClientAgent:
         A go-profile peer answers without a reply (None): its messages arrive through
         :meth:`receive`.
         """
-        try:
-            answer = await self.post(conn.base_url, self.message_envelope(conn, data))
-        except PeerError as error:
-            if error.code in SESSION_GONE:  # ended on the server: end it here too
-                self.sessions.expire(conn.session, EndReason.PEER_ENDED)
-            raise
+        answer = await self.post(conn.base_url, self.message_envelope(conn, data))
         if conn.session.profile is PeerProfile.GO:
             return None
         return self.open_reply(conn, answer)
@@ -679,6 +739,8 @@ class ClientAgent:
             self.sessions.close(conn.session.id)
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.sessions.close_all()
         if self.listener is not None:
             await self.listener.stop()

@@ -93,6 +93,20 @@ HANDSHAKE_ERROR_TYPES = (
     "overload",
 )
 
+# Categories of the typed errors a server answers (sage_otel.agent.errors.ErrorCategory).
+REFUSAL_CATEGORIES = (
+    "invalid",
+    "signature",
+    "crypto",
+    "replay",
+    "expired",
+    "unknown_did",
+    "overload",
+    "timeout",
+    "network",
+    "internal",
+)
+
 SESSION_DURATION_BUCKETS = exponential(0.0001, 2, 15)  # 0.1 ms .. 1.6 s
 HANDSHAKE_BUCKETS = exponential(0.001, 2, 12)  # 1 ms .. 2 s
 MESSAGE_SIZE_BUCKETS = exponential(64, 4, 10)  # 64 B .. 16 MiB
@@ -276,6 +290,15 @@ INSTRUMENTS: tuple[Instrument, ...] = (
         "Wire size of inbound messages (nonce, ciphertext and tag).",
         (),
         MESSAGE_SIZE_BUCKETS,
+    ),
+    # Requests
+    Instrument(
+        "requests_refused",
+        "sage.requests.refused",
+        Kind.COUNTER,
+        "{request}",
+        "Requests a server agent refused with a typed error, by category (limits: overload).",
+        (Label("category", REFUSAL_CATEGORIES),),
     ),
 )
 

@@ -755,6 +755,15 @@ def _messages() -> Dashboard:
                         width=8,
                         max=1,
                     ),
+                    panel(
+                        "Requests Refused by Category",
+                        "ops",
+                        "Requests the server refused per second, by error category; "
+                        "`overload` is a limit (rate, session share, table, inbox).",
+                        Target(rate_by("requests_refused", "category"), "{{category}}"),
+                        width=24,
+                        stack=True,
+                    ),
                 ),
             ),
         ),

@@ -55,11 +55,24 @@ SECTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         ("sage.message", "sage.replay_attacks.", "sage.nonce."),
         "Inbound session messages and replay protection.",
     ),
+    (
+        "Requests",
+        ("sage.requests.",),
+        "What a server agent refused, whatever the operation: malformed input, failed checks, "
+        "and the limits that keep one peer from taking what others need (handshake rate and "
+        "session share per sender DID, the session table, the per-session inbox), which "
+        "answer 429 or 503 with `Retry-After` and count as `overload`.",
+    ),
 )
 
 # Where each instrument is recorded: catalog key -> the code path, as the instrumentation
 # patches it (src/sage_otel/instrumentation.py). Must name exactly the catalog's keys.
 RECORDED_AT: dict[str, str] = {
+    "requests_refused": (
+        "`ServerAgent.refuse`: every typed refusal the server answers (parse errors, failed "
+        "checks, limits, unknown paths and methods, and an unexpected failure as "
+        "`internal`), by the error's category."
+    ),
     "sessions_created": (
         "`SessionManager.create`, on both sides (the client's session in "
         "`Initiator.finalize`, the server's in `Responder.process`): `success` when it "
@@ -162,7 +175,7 @@ ERROR_TYPE_MEANINGS: dict[str, str] = {
     "unknown_did": "the DID is not registered, or the agent is deactivated",
     "replay": "the handshake request was replayed",
     "crypto": "an HPKE or X25519 operation failed",
-    "overload": "a limit refused it: the sender's handshake rate or session share, or a full session table",
+    "overload": "a limit refused it: the sender's handshake rate or session share, or a full table",
 }
 PLAN_ERROR_TYPES = ("timeout", "invalid", "network")  # the monitoring plan's §2.1 values
 
