@@ -113,3 +113,46 @@ def test_refusal_categories_are_exactly_the_error_categories() -> None:
     from sage_otel.telemetry.catalog import REFUSAL_CATEGORIES
 
     assert set(REFUSAL_CATEGORIES) == {c.value for c in ErrorCategory}
+
+
+async def test_the_active_sessions_gauge_equals_the_sessions_really_live_in_the_demo() -> None:
+    """Sampled while the demo runs (injected failures, closes and server-side expiries)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from sage_otel.demo import Demo, DemoConfig
+    from sage_otel.instrumentation import SageInstrumentor
+    from sage_otel.telemetry.meters import StoreMeters
+    from sage_otel.telemetry.store import MetricStore
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    store = MetricStore()
+    store.attach(reader, provider._sdk_config.resource)
+    instrumentor = SageInstrumentor()
+    instrumentor.instrument(meter_provider=provider, meters=StoreMeters(store))
+    try:
+        demo = Demo(DemoConfig(duration=4.0, clients=4, rate=0, session_max_messages=40))
+        task = asyncio.create_task(demo.run())
+        samples = []
+        for _ in range(6):
+            await asyncio.sleep(0.5)
+            data = reader.get_metrics_data()  # no await between this and the count below
+            gauge = next(
+                p.value
+                for rm in data.resource_metrics
+                for sm in rm.scope_metrics
+                for m in sm.metrics
+                if m.name == "sage.sessions.active"
+                for p in m.data.data_points
+            )
+            server, clients = demo.live_sessions()
+            samples.append((gauge, server + clients, clients))
+        stats = await task
+    finally:
+        instrumentor.uninstrument()
+        provider.shutdown()
+    assert stats.sessions_expired > 0 and stats.sessions_closed > 0  # both ways happened
+    for gauge, live, clients in samples:
+        assert gauge == live, samples
+        assert clients <= 4, samples  # each client holds at most its one current session

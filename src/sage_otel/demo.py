@@ -118,6 +118,13 @@ class Demo:
             sessions=SessionManager(SessionLimits(max_messages=config.session_max_messages)),
         )
         self.base_url = ""
+        self.agents: list[ClientAgent] = []
+
+    def live_sessions(self) -> tuple[int, int]:
+        """Sessions live on the server and on all clients (what the gauge must equal)."""
+        return self.server.sessions.active_count, sum(
+            a.sessions.active_count for a in self.agents
+        )
 
     async def _register(self, identity: AgentIdentity, **extra: Any) -> DIDDocument:
         document = DIDDocument.for_identity(identity, **extra)
@@ -174,6 +181,7 @@ class Demo:
         identity = AgentIdentity.generate(chain)
         await self._register(identity, name=f"demo-client-{index}")
         agent = ClientAgent(identity, DIDResolver(self.registry), http=http)
+        self.agents.append(agent)
         injections = itertools.cycle(
             INJECTIONS[index % len(INJECTIONS) :] + INJECTIONS[: index % len(INJECTIONS)]
         )

@@ -102,7 +102,7 @@ class HandshakeRequest:
 
 @dataclass
 class PendingHandshake:
-    """Initiator state between init and finalize; holds the ephemeral secret."""
+    """Initiator state between init and finalize; holds the ephemeral secret until finalize."""
 
     request: HandshakeRequest
     peer: DIDDocument
@@ -112,6 +112,11 @@ class PendingHandshake:
     eph_c_private: bytes = field(repr=False)
 
     def wipe(self) -> None:
+        """Drop this object's references to the secrets so they can be freed.
+
+        Python ``bytes`` cannot be overwritten in place: this shortens how long the secrets
+        are reachable, it does not erase them from memory.
+        """
         self.exporter = self.eph_c_private = b""
 
 

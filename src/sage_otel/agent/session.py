@@ -2,7 +2,9 @@
 
 A session is created from the handshake seed. Each direction has its own encryption and
 signing key; the initiator sends with the client-to-server pair. Sessions end by explicit
-close or by a limit (max age, idle timeout, max messages); either way their keys are zeroed.
+close or by a limit (max age, idle timeout, max messages); either way the session refuses all
+further use and overwrites its own key buffers. That is best effort, not erasure: see
+:meth:`Session.close`.
 """
 
 from __future__ import annotations
@@ -319,7 +321,7 @@ class SessionManager:
         return True
 
     def expire(self, session: Session, reason: EndReason) -> bool:
-        """Remove a session that passed a limit and zero its keys; False if it was not live."""
+        """Remove a session that passed a limit and close it; False if it was not live."""
         live = self._sessions.get(session.id) is session
         if live:
             self._forget(session)

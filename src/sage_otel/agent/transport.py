@@ -728,7 +728,7 @@ class ClientAgent:
         return await self.listener.next_message(conn.session.id, timeout)
 
     async def close(self, conn: Connection) -> None:
-        """Close the session on both sides; the local keys are zeroed whatever the peer says.
+        """Close the session on both sides; locally it is closed whatever the peer says.
 
         The reference has no close message: a go-profile session is closed locally only.
         """
