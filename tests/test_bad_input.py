@@ -455,8 +455,27 @@ async def test_sessions_survive_every_bad_input_in_a_row(ctx: Ctx) -> None:
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_wrong_http_method_and_path(ctx: Ctx) -> None:
-    assert (await ctx.http.get(ctx.url)).status_code == 405
-    assert (await ctx.http.post(ctx.base + "/other", content=b"{}")).status_code == 404
+    for answer, status, code in (
+        (await ctx.http.get(ctx.url), 405, "method_not_allowed"),
+        (await ctx.http.delete(ctx.url), 405, "method_not_allowed"),
+        (await ctx.http.post(ctx.base + "/other", content=b"{}"), 404, "not_found"),
+        (await ctx.http.get(ctx.base + "/"), 404, "not_found"),
+    ):
+        assert_typed_refusal(answer, status, code)
+    await assert_unharmed(ctx)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_huge_signed_nonce_is_refused_before_anything_is_stored(ctx: Ctx) -> None:
+    """Long nonces used to reach the ackTag's 16-bit length prefix (over 65,535 bytes: a
+    500), after the nonce was stored in the replay cache for 10 minutes."""
+    replays_before = len(ctx.server.responder.replays)
+    sessions_before = ctx.server.sessions.active_count
+    for _ in range(20):
+        answer = await ctx.send(ctx.handshake(lambda f: f.update(nonce="n" * 5_000)))
+        assert_typed_refusal(answer, 400, "bad_handshake")
+    assert len(ctx.server.responder.replays) == replays_before
+    assert ctx.server.sessions.active_count == sessions_before
     await assert_unharmed(ctx)
 
 

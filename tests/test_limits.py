@@ -156,3 +156,27 @@ async def test_the_active_sessions_gauge_equals_the_sessions_really_live_in_the_
     for gauge, live, clients in samples:
         assert gauge == live, samples
         assert clients <= 4, samples  # each client holds at most its one current session
+
+
+async def test_a_70000_byte_nonce_is_a_typed_400_and_stores_nothing(
+    start_server, make_client
+) -> None:
+    import base64
+    import json
+
+    server, url = await start_server()
+    client = await make_client()
+    pending = client.initiator.init(await client.resolver.resolve(str(server.identity.did)))
+    fields = dict(pending.fields, nonce="n" * 70_000)
+    payload = json.dumps(fields).encode()
+    body = client.envelope(
+        "hpke/complete@v1",
+        pending.request.ctx_id,
+        base64.b64encode(payload).decode(),
+        base64.b64encode(client.identity.signing_key.sign(payload)).decode(),
+    )
+    for _ in range(5):
+        with pytest.raises(PeerError) as info:
+            await client.post(url, body)
+        assert info.value.http_status == 400 and info.value.code == "bad_handshake"
+    assert len(server.responder.replays) == 0 and server.sessions.active_count == 0
