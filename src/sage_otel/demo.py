@@ -122,9 +122,7 @@ class Demo:
 
     def live_sessions(self) -> tuple[int, int]:
         """Sessions live on the server and on all clients (what the gauge must equal)."""
-        return self.server.sessions.active_count, sum(
-            a.sessions.active_count for a in self.agents
-        )
+        return self.server.sessions.active_count, sum(a.sessions.active_count for a in self.agents)
 
     async def _register(self, identity: AgentIdentity, **extra: Any) -> DIDDocument:
         document = DIDDocument.for_identity(identity, **extra)

@@ -19,7 +19,9 @@ import rfc8785
 
 from .errors import InvalidMessageError
 
-__all__ = ["go_json", "jcs", "loads_ieee"]
+__all__ = ["go_json", "jcs", "loads", "loads_ieee"]
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 
 _GO_ESCAPES = {
     "<": "\\u003c",
@@ -48,14 +50,31 @@ def go_json(value: object, *, sort_keys: bool = False) -> bytes:
     return _GO_SPECIAL.sub(_go_escape, text).encode()
 
 
+def loads(data: str | bytes, **options: object) -> object:
+    """``json.loads`` for untrusted input: also refuses lone surrogates (``"\\ud800"``).
+
+    JSON may escape a surrogate that no UTF-8 (and no Go string) can hold; Python's parser
+    accepts it and the first ``.encode()`` downstream fails. Raises ``ValueError`` (or
+    ``RecursionError`` for absurd nesting) like ``json.loads``.
+    """
+    value = json.loads(data, **options)
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError("JSON string holds a lone surrogate") from exc
+    return value
+
+
 def loads_ieee(text: str | bytes) -> object:
     """JSON as RFC 8785 reads it: every number an IEEE 754 double (so 1e21 and 10**21 agree)."""
-    return json.loads(text, parse_int=float)
+    return loads(text, parse_int=float)
 
 
 def jcs(value: Mapping[str, object] | list[object] | object) -> bytes:
     """RFC 8785 canonical JSON; what has no canonical form is an InvalidMessageError."""
     try:
         return rfc8785.dumps(value)
-    except rfc8785.CanonicalizationError as exc:
+    except (rfc8785.CanonicalizationError, UnicodeEncodeError) as exc:
         raise InvalidMessageError("no RFC 8785 form", code="not_canonicalizable") from exc

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import time
 from dataclasses import dataclass, field
 
 from . import hpke
-from .canonical import go_json
+from .canonical import go_json, loads
 from .did import DIDDocument, DIDResolver
 from .encoding import b64url, format_rfc3339, from_b64url, parse_rfc3339
 from .entropy import SYSTEM, Entropy
@@ -82,7 +81,7 @@ def _sha256_b64(data: bytes) -> str:
 
 def _load_json_object(data: bytes, what: str) -> dict[str, str]:
     try:
-        obj = json.loads(data)
+        obj = loads(data)
     except (ValueError, RecursionError) as exc:
         raise InvalidMessageError(f"{what} is not JSON", code="bad_handshake") from exc
     if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
@@ -202,8 +201,8 @@ class Initiator:
                 answer_signed_bytes(resp), from_b64url(response.get("sigB64"), "sigB64")
             )
             kid = resp.get("kid", "")
-            if not kid:
-                raise InvalidMessageError("handshake response lacks kid", code="bad_handshake")
+            if not _bound_text(kid):
+                raise InvalidMessageError("handshake response kid invalid", code="bad_handshake")
             eph_s = from_b64url(resp.get("ephS"), "ephS")
             seed = combine_seed(
                 pending.exporter,
@@ -320,8 +319,8 @@ class Responder:
         if abs(ts - self.clock()) > HANDSHAKE_SKEW:
             raise TimestampSkewError("handshake timestamp outside tolerance")
         ctx_id = _ctx_from_export(fields["exportCtx"]) if ctx_id is None else ctx_id
-        if not ctx_id or len(ctx_id) > MAX_FIELD_BYTES:
-            raise InvalidMessageError("handshake lacks a context id", code="bad_handshake")
+        if not _bound_text(ctx_id):
+            raise InvalidMessageError("handshake context id invalid", code="bad_handshake")
         init_did, resp_did = fields["initDid"], fields["respDid"]
         info = build_info(ctx_id, init_did, resp_did)
         export_ctx = build_export_ctx(ctx_id)
@@ -373,6 +372,16 @@ class Responder:
             profile=profile,
         )
         return response, session
+
+
+def _bound_text(value: object) -> bool:
+    """A non-empty string that fits the ackTag's length prefixes and is valid UTF-8."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        return len(value.encode()) <= MAX_FIELD_BYTES
+    except UnicodeEncodeError:  # a lone surrogate from a caller that skipped the JSON layer
+        return False
 
 
 def _check_replay(status: NonceStatus) -> None:

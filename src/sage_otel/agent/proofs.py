@@ -88,9 +88,12 @@ def verify_agent_card(card_json: str | bytes) -> dict:
     if len(matching) != 1 or matching[0].get("type") not in _CARD_KEY_TYPES:
         raise InvalidMessageError("agent card proof names no usable key", code="bad_card")
     entry = matching[0]
+    key_hex, proof_value = entry.get("publicKeyHex"), proof.get("proofValue")
+    if not isinstance(key_hex, str) or not isinstance(proof_value, str):
+        raise InvalidMessageError("agent card key or proof malformed", code="bad_card")
     try:
-        public_key = bytes.fromhex(entry.get("publicKeyHex", ""))
-        signature = base58.b58decode(proof.get("proofValue", ""))
+        public_key = bytes.fromhex(key_hex)
+        signature = base58.b58decode(proof_value)
     except (ValueError, TypeError) as exc:
         raise InvalidMessageError("agent card key or proof malformed", code="bad_card") from exc
     body = {k: v for k, v in card.items() if k != "proof"}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import re
 import socket
@@ -37,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .canonical import go_json
+from .canonical import go_json, loads
 from .did import DIDResolver
 from .encoding import b64std, from_b64std
 from .entropy import SYSTEM, Entropy
@@ -100,7 +99,7 @@ class Envelope:
 def parse_envelope(body: bytes, headers: Mapping[str, str] | None = None) -> Envelope:
     """Parse and type-check a request body; every defect is an InvalidMessageError."""
     try:
-        data = json.loads(body)
+        data = loads(body)
     except (ValueError, RecursionError) as exc:
         raise InvalidMessageError("body is not JSON", code="malformed_json") from exc
     if not isinstance(data, dict):
@@ -207,7 +206,7 @@ def _default_handler(_session: Session, data: str | bytes) -> str | bytes:
 def _read_answer(answer: httpx.Response) -> Any:
     """The JSON inside an answer's ``data``, None without data; failures raise typed errors."""
     try:
-        body = json.loads(answer.content)
+        body = loads(answer.content)
     except (ValueError, RecursionError):
         body = None
     if not answer.is_success:
@@ -223,7 +222,7 @@ def _read_answer(answer: httpx.Response) -> Any:
     if not isinstance(raw, str):
         raise NetworkError("answer data must be base64", code="bad_answer")
     try:
-        return json.loads(from_b64std(raw, "data"))
+        return loads(from_b64std(raw, "data"))
     except (ValueError, RecursionError) as exc:
         raise NetworkError("answer data is not JSON", code="bad_answer") from exc
 
@@ -288,6 +287,7 @@ class ServerAgent:
             exception_handlers={HTTPException: self._http_error},
             lifespan=self._lifespan,
         )
+        self.app.router.redirect_slashes = False  # "/messages/" is a typed 404, not a 307
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self._inboxes: dict[str, asyncio.Queue[str | bytes]] = {}
@@ -330,7 +330,9 @@ class ServerAgent:
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+        # isdigit() alone admits "²": only ASCII digits are a length worth trusting early.
+        too_long = declared is not None and declared.isascii() and declared.isdigit()
+        if too_long and int(declared) > self.max_body:
             raise PayloadTooLargeError("request body too large")
         chunks, size = [], 0
         async for chunk in request.stream():
