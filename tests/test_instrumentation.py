@@ -823,10 +823,26 @@ async def test_crypto_detail(
     await client.close(conn)
 
 
-def test_unknown_crypto_detail_is_refused(instrument: Callable[..., Captured]) -> None:
-    with pytest.raises(ValueError):
+def test_unknown_crypto_detail_warns_and_falls_back(
+    instrument: Callable[..., Captured], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo must not raise inside auto-instrumentation: that stops every later instrumentor."""
+    with caplog.at_level(logging.WARNING, logger="sage_otel.instrumentation"):
         instrument(crypto_detail="verbose")
-    assert not SageInstrumentor().is_instrumented_by_opentelemetry
+    assert SageInstrumentor().is_instrumented_by_opentelemetry
+    assert any("'verbose'" in r.getMessage() for r in caplog.records)
+
+
+def test_sdk_disabled_patches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    before = [entry[3] for entry in _patched()]
+    instrumentor = SageInstrumentor()
+    instrumentor.instrument()
+    try:
+        assert all(a is b for a, b in zip([entry[3] for entry in _patched()], before))
+        assert not hasattr(transport.ClientAgent.connect, "__wrapped__")
+    finally:
+        instrumentor.uninstrument()
 
 
 # --- instrument / uninstrument -------------------------------------------------------------

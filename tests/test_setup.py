@@ -597,7 +597,7 @@ def otlp_env(monkeypatch: pytest.MonkeyPatch, port: int, protocol: str) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=abc")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "5")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "5000")  # milliseconds, per the spec
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "600000")  # only shutdown exports
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "600000")
 
@@ -652,7 +652,7 @@ async def test_per_signal_endpoint_sends_only_that_signal(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{http_receiver.port}/v1/traces"
     )
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "5")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "5000")  # milliseconds, per the spec
     telemetry = configure()
     await loopback_exchange(messages=2)
     telemetry.shutdown()

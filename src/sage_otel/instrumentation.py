@@ -507,9 +507,13 @@ def _wrap_process(kit: _Kit):
 
 
 def _server_attributes(base_url: str) -> dict[str, Any]:
-    parts = urlsplit(base_url)
-    default_port = 443 if parts.scheme == "https" else 80
-    return {"server.address": parts.hostname or "", "server.port": parts.port or default_port}
+    """``server.*`` from a URL; a URL the core will refuse yields no attributes, not an error."""
+    try:
+        parts = urlsplit(base_url)
+        default_port = 443 if parts.scheme == "https" else 80
+        return {"server.address": parts.hostname or "", "server.port": parts.port or default_port}
+    except (ValueError, TypeError, AttributeError):
+        return {}
 
 
 def _wrap_connect(kit: _Kit):
@@ -519,15 +523,19 @@ def _wrap_connect(kit: _Kit):
     async def wrapper(wrapped, instance, args, kwargs):
         if not is_instrumentation_enabled():
             return await wrapped(*args, **kwargs)
-        base_url = args[0] if args else kwargs.get("base_url", "")
-        peer = args[1] if len(args) > 1 else kwargs.get("peer_did", "")
-        profile = kwargs.get("profile", session.PeerProfile.NATIVE)
-        attributes = {
-            "sage.handshake.role": "client",
-            "sage.peer.did": str(peer),
-            "sage.peer.profile": getattr(profile, "value", OTHER),
-            **_server_attributes(base_url),
-        }
+        try:
+            base_url = args[0] if args else kwargs.get("base_url", "")
+            peer = args[1] if len(args) > 1 else kwargs.get("peer_did", "")
+            profile = kwargs.get("profile", session.PeerProfile.NATIVE)
+            attributes = {
+                "sage.handshake.role": "client",
+                "sage.peer.did": str(peer)[:200],
+                "sage.peer.profile": getattr(profile, "value", OTHER),
+                **_server_attributes(base_url),
+            }
+        except Exception:
+            _log_once("connect attributes")
+            attributes = {"sage.handshake.role": "client"}
         with kit.start("sage.handshake", SpanKind.CLIENT, attributes) as span:
             try:
                 result = await wrapped(*args, **kwargs)
@@ -784,11 +792,20 @@ class SageInstrumentor(BaseInstrumentor):
             from .telemetry.setup import meters_for
 
             meters = meters_for(kwargs.get("meter_provider"))
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            _logger.info("sage-otel: OTEL_SDK_DISABLED=true, the agent is not instrumented")
+            return
         crypto_detail = kwargs.get("crypto_detail") or os.environ.get(
             CRYPTO_DETAIL_ENV, "handshake"
         )
         if crypto_detail not in CRYPTO_DETAILS:
-            raise ValueError(f"crypto_detail must be one of {CRYPTO_DETAILS}")
+            # A typo must not stop auto-instrumentation (and every instrumentor after it).
+            _logger.warning(
+                "sage-otel: crypto_detail %r is not one of %s; using 'handshake'",
+                crypto_detail,
+                CRYPTO_DETAILS,
+            )
+            crypto_detail = "handshake"
         kit = _Kit(tracer, meters, crypto_detail, kwargs.get("span_hook"))
         for owner, name, factory in _PATCHES:
             wrapt.wrap_function_wrapper(owner, name, factory(kit))

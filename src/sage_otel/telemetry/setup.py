@@ -7,6 +7,16 @@ variables: ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SA
 forms, ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_TIMEOUT``,
 ``OTEL_METRIC_EXPORT_INTERVAL``, ``OTEL_EXPORTER_PROMETHEUS_HOST`` / ``_PORT``, and
 ``OTEL_SDK_DISABLED``. Explicit arguments win over the environment.
+
+``OTEL_EXPORTER_OTLP_TIMEOUT`` (and its per-signal forms) is read in milliseconds, as the
+specification says (the Python exporters alone read seconds). The SDK's own metrics about
+its exporting pipeline (``otel_sdk_processor_span_processed_total{error_type="queue_full"}``
+and the like) are switched on unless ``OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`` says
+otherwise, and the exporters' failure logs are limited to one line a minute each.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (several worker processes, see
+:mod:`sage_otel.telemetry.multiprocess`), SAGE metrics go to the shared directory and
+``/metrics`` is served only when a port is passed explicitly (it then reports all workers).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,12 +45,51 @@ from prometheus_client.process_collector import ProcessCollector
 from .. import __version__
 from .exposition import ExemplarPrometheusMetricReader
 from .meters import ApiMeters, Meters, StoreMeters
+from .multiprocess import BothMeters, MultiprocessMeters, multiprocess_dir, multiprocess_registry
 from .store import MetricStore
 
 _logger = logging.getLogger(__name__)
 DEFAULT_SERVICE_NAME = "sage-agent"
 DEFAULT_METRICS_PORT = 9090  # the monitoring plan's agent metrics port
 DEFAULT_METRICS_HOST = "127.0.0.1"
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0  # seconds: well inside a 30 s termination grace period
+DEFAULT_OTLP_TIMEOUT_MS = 10_000
+_EXPORT_LOGGERS = (
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.sdk.metrics._internal.export",
+)
+
+
+def sdk_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+class OncePerInterval(logging.Filter):
+    """Lets each distinct message template through at most once per ``interval`` seconds.
+
+    A collector that is down makes the SDK log a line per failed batch; one a minute tells
+    the operator as much, and the drops themselves are counted as metrics.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        self._last[key] = now
+        return True
+
+
+_export_log_filter = OncePerInterval()
 
 
 @dataclass
@@ -54,25 +104,49 @@ class Telemetry:
     metrics_address: tuple[str, int] | None = None
     _server: Any = field(default=None, repr=False)
     _instrumentor: Any = field(default=None, repr=False)
+    meters: Any = None
+    disabled: bool = False
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    @property
-    def meters(self) -> StoreMeters:
-        return StoreMeters(self.store)
+    def __post_init__(self) -> None:
+        if self.meters is None:
+            self.meters = StoreMeters(self.store)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> bool:
+        """Flush and stop, within ``timeout`` seconds in all; False if it had to give up.
+
+        Both providers shut down at once, in daemon threads: an unreachable collector
+        cannot hold the process past its termination grace period.
+        """
         global _current
         with _lock:
             if self._instrumentor is not None:
                 self._instrumentor.uninstrument()
                 self._instrumentor = None
-            self.tracer_provider.shutdown()
-            self.meter_provider.shutdown()
             if self._server is not None:
                 self._server.shutdown()
                 self._server.server_close()
                 self._server = None
             if _current is self:
                 _current = None
+        deadline = time.monotonic() + timeout
+        meter_timeout_ms = max(1, int(timeout * 1000))
+        workers = [
+            threading.Thread(target=self.tracer_provider.shutdown, daemon=True),
+            threading.Thread(
+                target=self.meter_provider.shutdown,
+                kwargs={"timeout_millis": meter_timeout_ms},
+                daemon=True,
+            ),
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        finished = not any(worker.is_alive() for worker in workers)
+        if not finished:
+            _logger.warning("sage-otel: telemetry shutdown gave up after %.1f s", timeout)
+        return finished
 
 
 _current: Telemetry | None = None
@@ -97,18 +171,19 @@ def meters_for(meter_provider: ApiMeterProvider | None) -> Meters:
 def build_resource(
     service_name: str | None = None, attributes: dict[str, Any] | None = None
 ) -> Resource:
-    base: dict[str, Any] = {
-        "service.version": __version__,
-        "service.instance.id": str(uuid.uuid4()),
-    }
-    env_names_service = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
-        "OTEL_RESOURCE_ATTRIBUTES", ""
+    """Resource from the environment (parsed by the SDK), with a unique ``service.instance.id``.
+
+    Precedence: ``service_name`` and ``attributes``, then ``OTEL_SERVICE_NAME``, then
+    ``OTEL_RESOURCE_ATTRIBUTES``, then sage-otel's defaults.
+    """
+    resource = Resource.create(
+        {"service.version": __version__, "service.instance.id": str(uuid.uuid4())}
     )
+    named = resource.attributes.get("service.name", "")
     if service_name:
-        base["service.name"] = service_name
-    elif not env_names_service:
-        base["service.name"] = DEFAULT_SERVICE_NAME
-    resource = Resource.create(base)
+        resource = resource.merge(Resource({"service.name": service_name}))
+    elif not named or str(named).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": DEFAULT_SERVICE_NAME}))
     return resource.merge(Resource(attributes or {}))
 
 
@@ -127,12 +202,25 @@ def otlp_configured(signal: str) -> bool:
     )
 
 
+def otlp_timeout(signal: str) -> float:
+    """The export timeout in seconds, from the environment's milliseconds (the spec's unit)."""
+    raw = os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TIMEOUT"
+    )
+    try:
+        millis = float(raw) if raw else DEFAULT_OTLP_TIMEOUT_MS
+    except ValueError:
+        _logger.warning("sage-otel: OTLP timeout %r is not a number of milliseconds", raw)
+        millis = DEFAULT_OTLP_TIMEOUT_MS
+    return max(millis, 1.0) / 1000.0
+
+
 def _otlp_span_exporter() -> SpanExporter:
     if _otlp_protocol("TRACES") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    return OTLPSpanExporter()
+    return OTLPSpanExporter(timeout=otlp_timeout("TRACES"))
 
 
 def _otlp_metric_reader() -> MetricReader:
@@ -140,7 +228,10 @@ def _otlp_metric_reader() -> MetricReader:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    timeout = otlp_timeout("METRICS")
+    return PeriodicExportingMetricReader(
+        OTLPMetricExporter(timeout=timeout), export_timeout_millis=timeout * 1000
+    )
 
 
 def configure(
@@ -167,19 +258,42 @@ def configure(
     Raises ``OSError`` when the metrics port cannot be bound.
     """
     global _current
+    options = {
+        "service_name": service_name,
+        "resource_attributes": resource_attributes,
+        "otlp": otlp,
+        "traces": traces,
+        "sampler": sampler,
+        "metric_readers": metric_readers,
+        "span_processors": span_processors,
+        "instrument": instrument,
+        "crypto_detail": crypto_detail,
+        "set_global": set_global,
+    }
     with _lock:
         if _current is not None:
             return _current
+        if sdk_disabled():
+            # Nothing opened, nothing patched: the SDK's providers are no-ops under this flag.
+            return Telemetry(
+                Resource.get_empty(),
+                TracerProvider(),
+                MeterProvider(),
+                MetricStore(),
+                CollectorRegistry(),
+                disabled=True,
+            )
+        os.environ.setdefault("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+        for name in _EXPORT_LOGGERS:
+            logging.getLogger(name).addFilter(_export_log_filter)
         resource = build_resource(service_name, resource_attributes)
-        tracer_provider = TracerProvider(resource=resource, sampler=sampler)
-        for processor in span_processors or ():
-            tracer_provider.add_span_processor(processor)
-        if otlp if otlp is not None else otlp_configured("TRACES"):
-            tracer_provider.add_span_processor(BatchSpanProcessor(_otlp_span_exporter()))
+        shared_dir = multiprocess_dir()
 
         registry = CollectorRegistry(auto_describe=True)
         readers: list[MetricReader] = list(metric_readers or ())
         server, address = None, None
+        if shared_dir is not None and metrics_port is None:
+            serve_metrics = False  # one endpoint reports every worker; workers do not bind
         if serve_metrics:
             host = (
                 metrics_host
@@ -191,14 +305,24 @@ def configure(
                 if metrics_port is not None
                 else int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT") or DEFAULT_METRICS_PORT)
             )
-            server, _thread = start_http_server(port, addr=host, registry=registry)
+            served = multiprocess_registry(shared_dir) if shared_dir else registry
+            server, _thread = start_http_server(port, addr=host, registry=served)
             address = (host, server.server_address[1])
-            for collector in (ProcessCollector, GCCollector, PlatformCollector):
-                collector(registry=registry)
-            readers.append(ExemplarPrometheusMetricReader(registry))
+            if shared_dir is None:
+                for collector in (ProcessCollector, GCCollector, PlatformCollector):
+                    collector(registry=registry)
+                readers.append(ExemplarPrometheusMetricReader(registry))
         if otlp if otlp is not None else otlp_configured("METRICS"):
             readers.append(_otlp_metric_reader())
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+
+        tracer_provider = TracerProvider(resource=resource, sampler=sampler)
+        for processor in span_processors or ():
+            tracer_provider.add_span_processor(processor)
+        if otlp if otlp is not None else otlp_configured("TRACES"):
+            tracer_provider.add_span_processor(
+                BatchSpanProcessor(_otlp_span_exporter(), meter_provider=meter_provider)
+            )
 
         store = MetricStore()
         store.exemplars = (
@@ -206,9 +330,21 @@ def configure(
         )
         for reader in readers:
             store.attach(reader, resource)
+        meters: Meters = StoreMeters(store)
+        if shared_dir is not None:
+            shared = MultiprocessMeters()
+            meters = BothMeters(shared, meters) if readers else shared
 
         telemetry = Telemetry(
-            resource, tracer_provider, meter_provider, store, registry, address, server
+            resource,
+            tracer_provider,
+            meter_provider,
+            store,
+            registry,
+            address,
+            server,
+            meters=meters,
+            options=options,
         )
         if set_global:
             if traces:
@@ -227,3 +363,29 @@ def configure(
                 )
                 telemetry._instrumentor = instrumentor
         return telemetry
+
+
+def _renew_after_fork() -> None:
+    """In a forked child (gunicorn ``--preload``): fresh telemetry, not the parent's.
+
+    The child gets its own ``service.instance.id``, a store starting from zero and its own
+    exporting threads; it never serves the parent's /metrics port. The instrumentation is
+    re-bound to the new setup. A global provider the parent set cannot be replaced (the
+    OpenTelemetry API forbids it), so tracers taken from the global API keep the parent's
+    resource; sage-otel's own spans and metrics use the new one.
+    """
+    global _current
+    inherited = _current
+    if inherited is None or inherited.disabled:
+        return
+    _current = None
+    try:
+        if inherited._instrumentor is not None:
+            inherited._instrumentor.uninstrument()
+        inherited._server = None  # the listening socket belongs to the parent
+        configure(**{**inherited.options, "set_global": False}, serve_metrics=False)
+    except Exception:  # telemetry must never break the worker
+        _logger.exception("sage-otel: could not renew telemetry after fork")
+
+
+os.register_at_fork(after_in_child=_renew_after_fork)

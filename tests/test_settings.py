@@ -1,0 +1,191 @@
+"""Settings that do what they say, and a telemetry backend that is down costs nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import sage_otel
+from sage_otel.agent.identity import AgentIdentity
+from sage_otel.agent.transport import ClientAgent
+from sage_otel.telemetry import setup
+from support import fetch, free_port
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key in list(os.environ):
+        if key.startswith("OTEL_") or key.lower() in ("http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    yield
+    leftover = setup.current()
+    if leftover is not None:
+        leftover.shutdown()
+
+
+def test_sdk_disabled_opens_nothing_and_patches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sage_otel.agent import transport
+
+    port = free_port()
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    telemetry = sage_otel.configure(metrics_port=port, set_global=False)
+    assert telemetry.disabled and telemetry.metrics_address is None
+    assert not hasattr(transport.ClientAgent.connect, "__wrapped__")
+    with socket.socket() as probe:  # the port was never bound
+        probe.bind(("127.0.0.1", port))
+    assert setup.current() is None
+
+
+@pytest.mark.parametrize(
+    ("attributes", "service_name", "expected"),
+    [
+        ("app.service.name=x", None, setup.DEFAULT_SERVICE_NAME),
+        ("service.name=from-attributes,team=a", None, "from-attributes"),
+        ("service.name=from-attributes", "explicit", "explicit"),
+        ("", None, setup.DEFAULT_SERVICE_NAME),
+    ],
+)
+def test_resource_attributes_are_parsed_not_searched(
+    monkeypatch: pytest.MonkeyPatch, attributes: str, service_name: str | None, expected: str
+) -> None:
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", attributes)
+    resource = setup.build_resource(service_name)
+    assert resource.attributes["service.name"] == expected
+    if "app.service.name" in attributes:
+        assert resource.attributes["app.service.name"] == "x"
+
+
+def test_otel_service_name_wins_over_resource_attributes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=a")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "b")
+    assert setup.build_resource().attributes["service.name"] == "b"
+
+
+@pytest.mark.parametrize(
+    ("env", "seconds"),
+    [
+        ({}, 10.0),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "2000"}, 2.0),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "2000", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "500"}, 0.5),
+        ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, 10.0),
+    ],
+)
+def test_otlp_timeout_is_milliseconds(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], seconds: float
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert setup.otlp_timeout("TRACES") == seconds
+
+
+def test_connecting_to_an_impossible_port_fails_the_same_with_instrumentation() -> None:
+    from sage_otel.agent.did import DIDResolver, InMemoryRegistry
+    from sage_otel.instrumentation import SageInstrumentor
+
+    async def attempt() -> tuple[type, str]:
+        client = ClientAgent(AgentIdentity.generate("sol"), DIDResolver(InMemoryRegistry()))
+        try:
+            await client.connect("http://127.0.0.1:99999", "did:sage:sol:agent")
+        except Exception as exc:  # the outcome, whatever it is, must not change
+            return type(exc), getattr(exc, "code", "")
+        finally:
+            await client.aclose()
+        return type(None), ""
+
+    bare = asyncio.run(attempt())
+    instrumentor = SageInstrumentor()
+    instrumentor.instrument()
+    try:
+        instrumented = asyncio.run(attempt())
+    finally:
+        instrumentor.uninstrument()
+    assert instrumented == bare and bare[0] is not ValueError
+
+
+class BlackHole:
+    """A TCP listener that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+@pytest.mark.parametrize("backend", ["refused", "black hole"])
+def test_shutdown_is_bounded_whatever_the_backend_does(
+    monkeypatch: pytest.MonkeyPatch, protocol: str, backend: str
+) -> None:
+    hole = BlackHole() if backend == "black hole" else None
+    port = hole.port if hole else free_port()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "30000")  # a patient exporter
+    try:
+        telemetry = sage_otel.configure(metrics_port=0, set_global=False)
+        tracer = telemetry.tracer_provider.get_tracer("t")
+        for _ in range(50):
+            tracer.start_span("x").end()
+        started = time.monotonic()
+        telemetry.shutdown(timeout=2.0)
+        assert time.monotonic() - started < 3.0
+    finally:
+        if hole:
+            hole.close()
+
+
+def test_dropped_spans_show_as_sdk_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "200")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "10")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    telemetry = sage_otel.configure(metrics_port=0, set_global=False)
+    tracer = telemetry.tracer_provider.get_tracer("t")
+    for _ in range(100):
+        tracer.start_span("x").end()
+    host, port = telemetry.metrics_address
+    _type, text = fetch(f"http://{host}:{port}/metrics")
+    drops = [
+        line
+        for line in text.splitlines()
+        if line.startswith("otel_sdk_processor_span_processed")
+        and 'error_type="queue_full"' in line
+    ]
+    assert drops and float(drops[0].rsplit(" ", 1)[1]) >= 80
+    telemetry.shutdown(timeout=1.0)
+
+
+def test_export_failures_are_logged_once_a_minute() -> None:
+    import logging
+
+    log_filter = setup.OncePerInterval(60.0)
+    record = logging.LogRecord(
+        "x", logging.WARNING, "", 0, "Queue full, dropping %s.", ("Span",), None
+    )
+    assert log_filter.filter(record)
+    assert not any(log_filter.filter(record) for _ in range(1000))
