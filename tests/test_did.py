@@ -268,7 +268,8 @@ async def test_json_file_registry_survives_concurrent_registrations(tmp_path: Pa
     for doc in docs:
         assert await reloaded.lookup(doc.did) == doc
     assert len(json.loads(path.read_text())["documents"]) == len(identities)
-    assert [p.name for p in tmp_path.iterdir()] == ["registry.json"]
+    # Atomic replacement leaves no temporary file behind (the lock file stays, empty).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["registry.json", "registry.json.lock"]
 
 
 async def test_resolver_caches_within_ttl(clock) -> None:
@@ -360,3 +361,16 @@ async def test_resolver_refuses_document_registered_inactive(clock) -> None:
     await register(registry, identity, active=False)
     with pytest.raises(InactiveAgentError):
         await DIDResolver(registry, clock=clock).resolve(identity.did)
+
+
+async def test_file_registry_is_shared_between_processes(tmp_path) -> None:
+    """Two registries on one file (as two processes hold them): neither loses the other's
+    registration, and each sees what the other registered."""
+    path = tmp_path / "registry.json"
+    first, second = JsonFileRegistry(path), JsonFileRegistry(path)
+    a, b = AgentIdentity.generate(Chain.SOLANA), AgentIdentity.generate(Chain.ETHEREUM)
+    doc_a = await register(first, a)
+    doc_b = await register(second, b)  # second never saw a: it must re-read, not overwrite
+    assert await second.lookup(a.did) == doc_a
+    assert await first.lookup(b.did) == doc_b
+    assert await JsonFileRegistry(path).lookup(a.did) == doc_a

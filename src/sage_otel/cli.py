@@ -67,12 +67,53 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="set up no telemetry of its own (for opentelemetry-instrument)",
     )
+    demo.add_argument(
+        "--server", metavar="URL", help="drive this server agent instead of starting one"
+    )
+    demo.add_argument("--server-did", metavar="DID", help="the DID of the --server agent")
+
+    serve = commands.add_parser(
+        "serve", help="serve a SAGE server agent (several worker processes with --workers)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=_positive_int, default=1, metavar="N")
+    serve.add_argument("--metrics-host", default="127.0.0.1")
+    serve.add_argument("--metrics-port", type=int, default=9090, metavar="M")
+    serve.add_argument(
+        "--identity",
+        default="sage-identity.json",
+        metavar="FILE",
+        help="identity key file; created with mode 0600 if absent",
+    )
+    serve.add_argument(
+        "--registry", metavar="FILE", help="JSON-file DID registry (default: in memory)"
+    )
+    serve.add_argument(
+        "--chain", default="solana", help="chain of a new identity: solana or ethereum"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from .server import serve
+
+        return serve(
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port,
+            identity_path=args.identity,
+            registry_path=args.registry,
+            chain=args.chain,
+        )
     if args.command == "demo":
+        if bool(args.server) != bool(args.server_did) or (args.server and not args.registry):
+            parser.error("--server needs --server-did and --registry")
         from .demo import DemoConfig
         from .demo import main as demo_main
 
@@ -86,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             telemetry=not args.no_telemetry,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            server_url=args.server,
+            server_did=args.server_did,
         )
         return demo_main(config, as_json=args.json)
     return 2

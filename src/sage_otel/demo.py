@@ -53,6 +53,8 @@ class DemoConfig:
     telemetry: bool = True
     metrics_port: int | None = None
     metrics_host: str | None = None
+    server_url: str | None = None  # drive this server agent instead of starting one
+    server_did: str | None = None
 
 
 @dataclass
@@ -129,10 +131,17 @@ class Demo:
         await self.registry.register(document, sign_registration(identity, document))
         return document
 
+    @property
+    def server_did(self) -> str:
+        return self.config.server_did or str(self.server_identity.did)
+
     async def setup(self) -> None:
-        port = await self.server.start(self.config.host, self.config.port)
-        self.base_url = f"http://{self.config.host}:{port}"
-        await self._register(self.server_identity, name="demo-server", endpoint=self.base_url)
+        if self.config.server_url:
+            self.base_url = self.config.server_url.rstrip("/")
+        else:
+            port = await self.server.start(self.config.host, self.config.port)
+            self.base_url = f"http://{self.config.host}:{port}"
+            await self._register(self.server_identity, name="demo-server", endpoint=self.base_url)
         # A forged registration (signed by the wrong key) must be refused by the registry.
         victim, forger = (
             AgentIdentity.generate(Chain.ETHEREUM),
@@ -160,7 +169,8 @@ class Demo:
             await asyncio.gather(*workers, return_exceptions=True)
             self.stats.finished = time.monotonic()
             await http.aclose()
-            await self.server.stop()
+            if not self.config.server_url:
+                await self.server.stop()
         return self.stats
 
     async def _pace(self, deadline: float) -> float:
@@ -201,7 +211,7 @@ class Demo:
 
     async def _connect(self, agent: ClientAgent) -> Connection | None:
         try:
-            conn = await agent.connect(self.base_url, str(self.server_identity.did))
+            conn = await agent.connect(self.base_url, self.server_did)
         except SageError as error:
             self.stats.handshakes_failed += 1
             self.stats.unexpected_error(error)
@@ -284,7 +294,7 @@ class Demo:
         await self._register(retired, name="retired")
         retired_doc = DIDDocument.for_identity(retired, name="retired", active=False)
         await self.registry.deactivate(retired_doc, sign_registration(retired, retired_doc))
-        server_did = str(self.server_identity.did)
+        server_did = self.server_did
         server_doc = await DIDResolver(self.registry).resolve(server_did)
         while not self.stop.is_set():
             for identity in (stranger, retired):

@@ -8,6 +8,7 @@ caches positive answers for a TTL and refuses unknown and inactive agents.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import tempfile
@@ -133,32 +134,58 @@ class InMemoryRegistry(Registry):
 
 
 class JsonFileRegistry(Registry):
-    """A registry persisted as one JSON file, rewritten atomically on every change."""
+    """A registry persisted as one JSON file, shared by processes.
+
+    Writes take an exclusive ``flock`` on ``<file>.lock``, re-read the file and replace it
+    atomically, so registrations from several processes are never lost; a lookup that
+    misses re-reads the file when it changed, so a DID another process registered is seen.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = asyncio.Lock()
         self._docs: dict[DID, DIDDocument] = {}
-        if self.path.exists():
-            raw = json.loads(self.path.read_text() or "{}")
-            for entry in raw.get("documents", []):
-                doc = DIDDocument.from_json(entry)
-                self._docs[doc.did] = doc
+        self._stamp: tuple[int, int] | None = None
+        self._reload()
+
+    def _reload(self) -> None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp == self._stamp:
+            return
+        raw = json.loads(self.path.read_text() or "{}")
+        docs = {}
+        for entry in raw.get("documents", []):
+            doc = DIDDocument.from_json(entry)
+            docs[doc.did] = doc
+        self._docs, self._stamp = docs, stamp
 
     async def lookup(self, did: DID) -> DIDDocument | None:
-        return self._docs.get(did)
+        document = self._docs.get(did)
+        if document is None:
+            self._reload()
+            document = self._docs.get(did)
+        return document
 
     async def _store(self, document: DIDDocument) -> None:
         async with self._lock:
-            self._docs[document.did] = document
-            payload = json.dumps(
-                {"documents": [d.to_json() for d in self._docs.values()]}, indent=2
-            )
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-")
-            with os.fdopen(fd, "w") as handle:
-                handle.write(payload)
-            os.replace(tmp, self.path)
+            with open(f"{self.path}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._stamp = None
+                self._reload()
+                self._docs[document.did] = document
+                payload = json.dumps(
+                    {"documents": [d.to_json() for d in self._docs.values()]}, indent=2
+                )
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-")
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(payload)
+                os.replace(tmp, self.path)
+                self._stamp = None
 
 
 @dataclass

@@ -264,6 +264,19 @@ class SigningKey:
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
 
+    def private_bytes(self) -> bytes:
+        """The secret as :meth:`from_private_bytes` takes it (for the identity file only)."""
+        private = self._private
+        if isinstance(private, coincurve.PrivateKey):
+            return private.secret
+        if isinstance(private, ed25519.Ed25519PrivateKey):
+            return private.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+        return private.private_numbers().private_value.to_bytes(32, "big")
+
     def key_data(self) -> bytes:
         """The public key as the reference serialises it (secp256k1 uncompressed, 65 bytes)."""
         if isinstance(self._private, coincurve.PrivateKey):

@@ -1,0 +1,222 @@
+"""A SAGE server agent as a deployable ASGI app: ``sage-otel serve``, uvicorn, gunicorn.
+
+Every worker builds the same agent from the environment:
+
+* ``SAGE_OTEL_IDENTITY``: the identity key file, created on first run with mode 0600 and
+  refused when group or others can read it;
+* ``SAGE_OTEL_REGISTRY``: a JSON-file DID registry shared by all workers and clients
+  (without it, an in-memory registry that only suits a single process);
+* ``SAGE_OTEL_CHAIN``: the chain of a new identity (``solana`` or ``ethereum``);
+* telemetry: the standard ``OTEL_*`` variables, and ``PROMETHEUS_MULTIPROC_DIR`` for several
+  workers (:mod:`sage_otel.telemetry.multiprocess`): then ``GET /metrics`` on any worker
+  reports all of them.
+
+``uvicorn --factory sage_otel.server:create_app --workers N`` and
+``gunicorn -k uvicorn.workers.UvicornWorker -w N "sage_otel.server:create_app()"`` both work;
+``sage-otel serve`` does the set-up (identity, registration, the shared directory, one
+metrics port for all workers) and runs uvicorn.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import stat
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .agent.did import DIDDocument, DIDResolver, InMemoryRegistry, JsonFileRegistry, Registry
+from .agent.identity import AgentIdentity, parse_chain
+from .agent.transport import ServerAgent
+
+IDENTITY_ENV = "SAGE_OTEL_IDENTITY"
+REGISTRY_ENV = "SAGE_OTEL_REGISTRY"
+CHAIN_ENV = "SAGE_OTEL_CHAIN"
+
+
+class IdentityFileError(Exception):
+    """The identity file is unusable (readable by others, malformed)."""
+
+
+def load_identity(path: str | os.PathLike[str], chain: str = "solana") -> AgentIdentity:
+    """The agent's identity from ``path``, created there (mode 0600) if the file is absent."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read_identity(path)
+    identity = AgentIdentity.generate(chain)
+    secret = {
+        "chain": identity.did.chain.value,
+        "signing_key": identity.signing_key.private_bytes().hex(),
+        "kem_key": identity.kem.private.hex(),
+    }
+    with os.fdopen(fd, "w") as handle:
+        json.dump(secret, handle)
+    return _read_identity(path)
+
+
+def _read_identity(path: Path) -> AgentIdentity:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise IdentityFileError(
+            f"{path} is accessible to group or others (mode {stat.S_IMODE(mode):o}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        data = json.loads(path.read_text())
+        return AgentIdentity.from_secrets(
+            parse_chain(data["chain"]),
+            bytes.fromhex(data["signing_key"]),
+            bytes.fromhex(data["kem_key"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IdentityFileError(f"{path} is not a sage-otel identity file") from exc
+
+
+def _registry() -> Registry:
+    path = os.environ.get(REGISTRY_ENV)
+    return JsonFileRegistry(path) if path else InMemoryRegistry()
+
+
+def create_app() -> Any:
+    """The ASGI app of one worker: the SAGE server agent, its telemetry, ``GET /metrics``."""
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    import sage_otel
+
+    identity = load_identity(
+        os.environ.get(IDENTITY_ENV) or "sage-identity.json", os.environ.get(CHAIN_ENV, "solana")
+    )
+    telemetry = sage_otel.configure(service_name=os.environ.get("OTEL_SERVICE_NAME"))
+    atexit.register(telemetry.shutdown)
+    agent = ServerAgent(identity, DIDResolver(_registry()))
+
+    from .telemetry.multiprocess import multiprocess_dir, multiprocess_registry
+
+    if multiprocess_dir() is not None:
+        from prometheus_client.exposition import choose_encoder
+
+        registry = multiprocess_registry()
+
+        async def metrics(request: Request) -> Response:
+            encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+            return Response(encoder(registry), media_type=content_type)
+
+        agent.app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))
+    return agent.app
+
+
+def _port_free(host: str, port: int) -> str | None:
+    """None if ``host:port`` can be bound, else the reason."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return error.strerror or str(error)
+    return None
+
+
+def _announce_when_ready(line: str, url: str, timeout: float = 60.0) -> None:
+    """Print the first stdout line once the agent accepts connections."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(url + "/healthz", timeout=1.0):
+                print(line, flush=True)
+                return
+        except OSError:
+            time.sleep(0.05)
+
+
+async def _register(identity: AgentIdentity, url: str) -> None:
+    registry = _registry()
+    if await registry.lookup(identity.did) is None:
+        from .agent.did import sign_registration
+
+        document = DIDDocument.for_identity(identity, name="sage-otel-serve", endpoint=url)
+        await registry.register(document, sign_registration(identity, document))
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def serve(
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    metrics_host: str,
+    metrics_port: int,
+    identity_path: str,
+    registry_path: str | None,
+    chain: str = "solana",
+) -> int:
+    """Run the server agent with ``workers`` processes; 0 on SIGTERM, 2 when it cannot start."""
+    import asyncio
+
+    try:
+        identity = load_identity(identity_path, chain)
+    except (IdentityFileError, OSError) as error:
+        print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
+        return 2
+    for what, h, p in (("agent", host, port), ("metrics", metrics_host, metrics_port)):
+        reason = _port_free(h, p)
+        if reason is not None:
+            print(f"sage-otel serve: cannot start: {what} port {h}:{p}: {reason}", file=sys.stderr)
+            return 2
+    url = f"http://{host}:{port}"
+    os.environ[IDENTITY_ENV] = str(Path(identity_path).resolve())
+    os.environ[CHAIN_ENV] = chain
+    if registry_path:
+        os.environ[REGISTRY_ENV] = str(Path(registry_path).resolve())
+        asyncio.run(_register(identity, url))
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not shared:
+        shared = tempfile.mkdtemp(prefix="sage-otel-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+    os.environ.pop("OTEL_EXPORTER_PROMETHEUS_PORT", None)  # workers never bind a metrics port
+
+    from prometheus_client import start_http_server
+
+    from .telemetry.multiprocess import multiprocess_registry
+
+    metrics_server, _thread = start_http_server(
+        metrics_port, addr=metrics_host, registry=multiprocess_registry(shared)
+    )
+    metrics_url = f"http://{metrics_host}:{metrics_server.server_address[1]}/metrics"
+    line = f"did={identity.did} url={url} metrics={metrics_url}"
+    threading.Thread(target=_announce_when_ready, args=(line, url), daemon=True).start()
+
+    import signal
+
+    import uvicorn
+
+    # uvicorn shuts down gracefully, then re-raises the signal to the previous handler:
+    # make that handler a clean exit, the contract for SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
+    uvicorn.run(
+        "sage_otel.server:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=3,
+    )
+    metrics_server.shutdown()
+    return 0
