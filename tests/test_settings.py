@@ -189,3 +189,55 @@ def test_export_failures_are_logged_once_a_minute() -> None:
     )
     assert log_filter.filter(record)
     assert not any(log_filter.filter(record) for _ in range(1000))
+
+
+def test_delta_temporality_preference_reaches_every_sage_series() -> None:
+    from opentelemetry.sdk.metrics import Counter, Histogram, UpDownCounter
+    from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+
+    delta = AggregationTemporality.DELTA
+    reader = InMemoryMetricReader(
+        preferred_temporality={Counter: delta, Histogram: delta, UpDownCounter: delta}
+    )
+    telemetry = sage_otel.configure(metric_readers=[reader], serve_metrics=False, set_global=False)
+    meters = telemetry.meters
+    counter = meters.counter("sessions_created", status="success")
+    histogram = meters.histogram("handshake_duration", stage="init")
+
+    def collect() -> dict:
+        data = reader.get_metrics_data()
+        return {
+            metric.name: metric.data
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for metric in sm.metrics
+        }
+
+    counter.add(3)
+    histogram.record(0.002)
+    collect()  # the first interval
+    counter.add(2)
+    histogram.record(0.004)
+    histogram.record(0.004)
+    second = collect()  # each collection is the interval since the one before
+    sums = second["sage.sessions.created"]
+    assert sums.aggregation_temporality is delta
+    point = next(p for p in sums.data_points if p.attributes == {"status": "success"})
+    assert point.value == 2
+    hist = second["sage.handshake.duration"]
+    assert hist.aggregation_temporality is delta
+    point = next(p for p in hist.data_points if p.attributes == {"stage": "init"})
+    assert point.count == 2 and abs(point.sum - 0.008) < 1e-12
+
+
+def test_otlp_temporality_preference_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sage_otel.telemetry.catalog import Kind
+    from sage_otel.telemetry.store import _Delta
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    reader = setup._otlp_metric_reader()
+    delta = _Delta.of(reader, 0)
+    # The specification's "delta": counters and histograms; up-down counters stay cumulative.
+    assert delta is not None and delta.kinds == {Kind.COUNTER, Kind.HISTOGRAM}
+    reader.shutdown(timeout_millis=100)

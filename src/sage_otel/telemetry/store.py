@@ -39,6 +39,7 @@ from .catalog import INSTRUMENTS, Instrument, Kind
 _logger = logging.getLogger(__name__)
 SCOPE = InstrumentationScope("sage_otel", __version__)
 _CUMULATIVE = AggregationTemporality.CUMULATIVE
+_DELTA = AggregationTemporality.DELTA
 
 
 class CounterCell:
@@ -118,38 +119,69 @@ class MetricStore:
                     cells[values] = found
         return found
 
-    def metrics(self) -> list[Metric]:
+    def metrics(self, delta: _Delta | None = None) -> list[Metric]:
+        """Every series, cumulative; with ``delta``, the kinds it names since its last call."""
         now = time.time_ns()
         out = []
         for instrument in self.instruments:
             keys = instrument.label_keys
             cells = list(self._cells[instrument.key].items())
+            is_delta = delta is not None and instrument.kind in delta.kinds
+            start = delta.since if is_delta else self.start_time
+            temporality = _DELTA if is_delta else _CUMULATIVE
             if instrument.kind is Kind.HISTOGRAM:
-                points = [self._histogram_point(dict(zip(keys, v)), c, now) for v, c in cells]
-                data = Histogram(points, _CUMULATIVE)
-            else:
                 points = [
-                    NumberDataPoint(
-                        dict(zip(keys, values)),
-                        self.start_time,
-                        now,
-                        cell.value,
-                        [_exemplar(cell.exemplar)] if cell.exemplar else [],
+                    self._histogram_point(
+                        dict(zip(keys, v)), c, start, now, delta if is_delta else None
                     )
-                    for values, cell in cells
+                    for v, c in cells
                 ]
-                data = Sum(points, _CUMULATIVE, instrument.kind is Kind.COUNTER)
+                data = Histogram(points, temporality)
+            else:
+                points = []
+                for values, cell in cells:
+                    value = cell.value
+                    if is_delta:
+                        key = (instrument.key, values)
+                        value, delta.last[key] = value - delta.last.get(key, 0), value
+                    points.append(
+                        NumberDataPoint(
+                            dict(zip(keys, values)),
+                            start,
+                            now,
+                            value,
+                            [_exemplar(cell.exemplar)] if cell.exemplar else [],
+                        )
+                    )
+                data = Sum(points, temporality, instrument.kind is Kind.COUNTER)
             out.append(Metric(instrument.name, instrument.description, instrument.unit, data))
+        if delta is not None:
+            delta.since = now
         return out
 
-    def _histogram_point(self, attributes: dict[str, str], cell: HistogramCell, now: int):
+    def _histogram_point(
+        self,
+        attributes: dict[str, str],
+        cell: HistogramCell,
+        start: int,
+        now: int,
+        delta: _Delta | None = None,
+    ):
         with cell._lock:
             counts, total = list(cell.counts), cell.sum
-            count = sum(counts)
-            low, high = (cell.min, cell.max) if count else (0.0, 0.0)
+            low, high = cell.min, cell.max
+        if delta is not None:
+            key = id(cell)  # cells live as long as the store
+            last_counts, last_total = delta.last.get(key, ([0] * len(counts), 0.0))
+            delta.last[key] = (counts, total)
+            counts = [a - b for a, b in zip(counts, last_counts)]
+            total -= last_total
+        count = sum(counts)
+        if not count:
+            low, high = 0.0, 0.0  # min and max are the process lifetime's (documented)
         return HistogramDataPoint(
             attributes,
-            self.start_time,
+            start,
             now,
             count,
             total,
@@ -160,8 +192,8 @@ class MetricStore:
             [_exemplar(e) for e in cell.exemplars if e is not None],
         )
 
-    def scope_metrics(self) -> ScopeMetrics:
-        return ScopeMetrics(SCOPE, self.metrics(), "")
+    def scope_metrics(self, delta: _Delta | None = None) -> ScopeMetrics:
+        return ScopeMetrics(SCOPE, self.metrics(delta), "")
 
     def attach(self, reader: MetricReader, resource: Resource) -> None:
         """Add this store's data to everything ``reader`` collects.
@@ -170,17 +202,44 @@ class MetricStore:
         instruments are still collected and the store's scope is appended to them.
         """
         sdk_collect = reader._collect  # set by MeterProvider registration
+        delta = _Delta.of(reader, self.start_time)
 
         def collect(the_reader: MetricReader, timeout_millis: float = 10_000) -> MetricsData:
             data = sdk_collect(the_reader, timeout_millis=timeout_millis) if sdk_collect else None
             try:
-                ours = self.scope_metrics()
+                ours = self.scope_metrics(delta)
             except Exception:  # telemetry must never take the reader down
                 _logger.exception("sage-otel: collecting SAGE metrics failed")
                 return data
             return _merge(data, ours, resource)
 
         reader._set_collect_callback(collect)
+
+
+class _Delta:
+    """One reader's delta state: which kinds it wants as deltas, and what it last saw."""
+
+    def __init__(self, kinds: frozenset[Kind], since: int) -> None:
+        self.kinds = kinds
+        self.since = since
+        self.last: dict[object, object] = {}
+
+    @classmethod
+    def of(cls, reader: MetricReader, since: int) -> _Delta | None:
+        """From the reader's preferred temporality (``OTEL_EXPORTER_OTLP_METRICS_
+        TEMPORALITY_PREFERENCE`` reaches OTLP readers this way); None if all cumulative."""
+        # Keyed by the SDK's private instrument classes (_Counter, ...): matched by name.
+        preferred = {
+            cls.__name__.lstrip("_"): temporality
+            for cls, temporality in getattr(reader, "_instrument_class_temporality", {}).items()
+        }
+        names = {
+            Kind.COUNTER: "Counter",
+            Kind.UP_DOWN_COUNTER: "UpDownCounter",
+            Kind.HISTOGRAM: "Histogram",
+        }
+        kinds = frozenset(k for k, name in names.items() if preferred.get(name) is _DELTA)
+        return cls(kinds, since) if kinds else None
 
 
 def _merge(data: MetricsData | None, scope: ScopeMetrics, resource: Resource) -> MetricsData:
