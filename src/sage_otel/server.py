@@ -23,6 +23,7 @@ import atexit
 import json
 import os
 import socket
+import ssl
 import stat
 import sys
 import tempfile
@@ -189,14 +190,20 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
     os.environ.pop("OTEL_EXPORTER_PROMETHEUS_PORT", None)  # workers never bind a metrics port
 
-    from prometheus_client import start_http_server
-
     from .telemetry.multiprocess import multiprocess_registry
+    from .telemetry.web import WEB_CONFIG_ENV, WebConfigError, start_metrics_server
 
-    metrics_server, _thread = start_http_server(
-        metrics_port, addr=metrics_host, registry=multiprocess_registry(shared)
-    )
-    metrics_url = f"http://{metrics_host}:{metrics_server.server_address[1]}/metrics"
+    web_config = os.environ.get(WEB_CONFIG_ENV) or None
+    try:
+        metrics_server, _thread = start_metrics_server(
+            metrics_port, metrics_host, multiprocess_registry(shared), web_config
+        )
+    except (OSError, WebConfigError) as error:
+        print(f"sage-otel serve: cannot start: metrics: {error}", file=sys.stderr)
+        return 2
+    tls = web_config is not None and isinstance(metrics_server.socket, ssl.SSLSocket)
+    scheme = "https" if tls else "http"
+    metrics_url = f"{scheme}://{metrics_host}:{metrics_server.server_address[1]}/metrics"
     line = f"did={identity.did} url={url} metrics={metrics_url}"
     threading.Thread(target=_announce_when_ready, args=(line, url), daemon=True).start()
 

@@ -37,7 +37,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanProcessor
 from opentelemetry.sdk.trace.sampling import Sampler
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -47,6 +47,7 @@ from .exposition import ExemplarPrometheusMetricReader
 from .meters import ApiMeters, Meters, StoreMeters
 from .multiprocess import BothMeters, MultiprocessMeters, multiprocess_dir, multiprocess_registry
 from .store import MetricStore
+from .web import WEB_CONFIG_ENV, start_metrics_server
 
 _logger = logging.getLogger(__name__)
 DEFAULT_SERVICE_NAME = "sage-agent"
@@ -240,6 +241,7 @@ def configure(
     resource_attributes: dict[str, Any] | None = None,
     metrics_host: str | None = None,
     metrics_port: int | None = None,
+    metrics_web_config: str | None = None,
     serve_metrics: bool = True,
     otlp: bool | None = None,
     traces: bool = True,
@@ -255,6 +257,8 @@ def configure(
     ``otlp=None`` exports over OTLP exactly when an OTLP endpoint is configured in the
     environment. ``traces=False`` records metrics only: no span is ever started.
     ``metrics_port=0`` picks a free port (see ``Telemetry.metrics_address``).
+    ``metrics_web_config`` (or ``SAGE_OTEL_METRICS_WEB_CONFIG``) adds TLS and basic auth to
+    /metrics (:mod:`sage_otel.telemetry.web`).
     Raises ``OSError`` when the metrics port cannot be bound.
     """
     global _current
@@ -306,7 +310,9 @@ def configure(
                 else int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT") or DEFAULT_METRICS_PORT)
             )
             served = multiprocess_registry(shared_dir) if shared_dir else registry
-            server, _thread = start_http_server(port, addr=host, registry=served)
+            server, _thread = start_metrics_server(
+                port, host, served, metrics_web_config or os.environ.get(WEB_CONFIG_ENV) or None
+            )
             address = (host, server.server_address[1])
             if shared_dir is None:
                 for collector in (ProcessCollector, GCCollector, PlatformCollector):
