@@ -21,7 +21,8 @@ from .errors import InvalidMessageError
 
 __all__ = ["go_json", "jcs", "loads", "loads_ieee"]
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_RAW_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _GO_ESCAPES = {
     "<": "\\u003c",
@@ -51,15 +52,18 @@ def go_json(value: object, *, sort_keys: bool = False) -> bytes:
 
 
 def loads(data: str | bytes, **options: object) -> object:
-    """``json.loads`` for untrusted input: also refuses lone surrogates (``"\\ud800"``).
+    """``json.loads`` for untrusted input: strict UTF-8, and no lone surrogate anywhere.
 
-    JSON may escape a surrogate that no UTF-8 (and no Go string) can hold; Python's parser
-    accepts it and the first ``.encode()`` downstream fails. Raises ``ValueError`` (or
+    Python's parser would accept both a raw surrogate (bytes ``ED A0 80``, decoded with
+    ``surrogatepass``) and an escaped one (``"\\ud800"``); neither is a string UTF-8 or Go
+    can hold, and the first ``.encode()`` downstream would fail. Raises ``ValueError`` (or
     ``RecursionError`` for absurd nesting) like ``json.loads``.
     """
-    value = json.loads(data, **options)
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if _SURROGATE_ESCAPE.search(raw):
+    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    if _RAW_SURROGATE.search(text):
+        raise ValueError("JSON text holds a lone surrogate")
+    value = json.loads(text, **options)
+    if _SURROGATE_ESCAPE.search(text):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:

@@ -260,9 +260,13 @@ def seal_go(
 
 def _parse_go_metadata(session: Session, metadata: object) -> int:
     """The ``created`` of a well-formed go-profile metadata object bound to this session."""
-    if not isinstance(metadata, dict) or set(metadata) != GO_METADATA_KEYS:
+    if (
+        not isinstance(metadata, dict)
+        or set(metadata) != GO_METADATA_KEYS
+        or not all(isinstance(v, str) for v in metadata.values())
+    ):
         raise InvalidMessageError(
-            "metadata must be exactly kid and signature-input", code="bad_metadata"
+            "metadata must be exactly kid and signature-input, as strings", code="bad_metadata"
         )
     match = _GO_SIGNATURE_INPUT.fullmatch(metadata["signature-input"])
     if match is None:
@@ -344,7 +348,10 @@ class MessageValidator:
         if not 0 < len(envelope.id) <= MAX_MESSAGE_ID:
             raise InvalidMessageError("message id missing or too long", code="bad_metadata")
         sealed = from_b64std(payload, "payload")
-        base = go_signature_base(envelope, session.kid, created, method=method, path=path)
+        try:
+            base = go_signature_base(envelope, session.kid, created, method=method, path=path)
+        except (UnicodeEncodeError, AttributeError, TypeError) as exc:  # API callers only
+            raise InvalidMessageError("envelope fields unusable", code="bad_metadata") from exc
         session.verify(base, envelope.signature)
         if abs(created - self.clock()) > self.tolerance:
             raise TimestampSkewError("timestamp outside tolerance")

@@ -85,7 +85,8 @@ def verify_agent_card(card_json: str | bytes) -> dict:
         if isinstance(keys, list)
         else []
     )
-    if len(matching) != 1 or matching[0].get("type") not in _CARD_KEY_TYPES:
+    key_type = matching[0].get("type") if len(matching) == 1 else None
+    if not isinstance(key_type, str) or key_type not in _CARD_KEY_TYPES:
         raise InvalidMessageError("agent card proof names no usable key", code="bad_card")
     entry = matching[0]
     key_hex, proof_value = entry.get("publicKeyHex"), proof.get("proofValue")
