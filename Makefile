@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench collector jaeger prometheus validators e2e-prereqs
+.PHONY: demo test lint install clean bench collector jaeger prometheus validators e2e-prereqs \
+	dashboards metrics-docs lowest-deps fuzz soak bench-backend
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +19,23 @@ demo: $(STAMP)
 	$(BIN)/sage-otel demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests $(wildcard examples benchmarks)
-	$(BIN)/ruff format --check src tests $(wildcard examples benchmarks)
+	$(BIN)/ruff check src tests tools $(wildcard examples benchmarks fuzz)
+	$(BIN)/ruff format --check src tests tools $(wildcard examples benchmarks fuzz)
 
 test: $(STAMP) lint e2e-prereqs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tests with every runtime dependency at its floor in pyproject.toml, in a venv
+# cached under ~/.cache/sage-otel (scripts/lowest-deps.sh). LOWEST_DEPS_ARGS go to pytest.
+lowest-deps: $(STAMP)
+	@bash scripts/lowest-deps.sh $(LOWEST_DEPS_ARGS)
+
+# Build-time generators (tools/, not in the wheel): regenerate after changing the catalog.
+dashboards: $(STAMP)
+	$(BIN)/python -m tools.dashboards --write
+
+metrics-docs: $(STAMP)
+	$(BIN)/python -m tools.metrics_docs --write
 
 # End-to-end prerequisites, cached outside the repo (see scripts/): the collector
 # distribution and Jaeger v2 built with Go, Prometheus from Debian's package.
@@ -45,3 +58,18 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --write docs/performance.md
+
+# A coverage-guided fuzz campaign on every parser and the HTTP endpoint (docs/security.md);
+# `make test` runs a short, fixed-budget one. FUZZ_RUNS executions per target.
+FUZZ_RUNS ?= 100000
+fuzz: $(STAMP)
+	$(BIN)/python -m fuzz.run --runs $(FUZZ_RUNS) --jobs 2 --report /tmp/sage-otel-fuzz.md
+
+# Legitimate clients against a server under attack, in separate processes (docs/security.md).
+SOAK_MINUTES ?= 10
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --baseline-minutes 1 --minutes $(SOAK_MINUTES) --out /tmp/sage-otel-soak.json
+
+# Throughput and shutdown with the OTLP backend healthy, refused or a black hole (performance.md).
+bench-backend: $(STAMP)
+	$(BIN)/python -m benchmarks.backend_down --rounds 3 --seconds 8

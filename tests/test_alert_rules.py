@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from sage_otel.telemetry.catalog import BY_PROMETHEUS_NAME, OTHER, Instrument, Kind
-from sage_otel.telemetry.queries import BY_QUERY_KEY
+from tools.queries import BY_QUERY_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "collector" / "prometheus"
@@ -37,7 +37,7 @@ PLAN_ALERTS = {
     "HighEncryptionLatency": ("5m", "warning", "> 0.010"),
     "ReplayAttacksDetected": ("1m", "critical", "> 0"),
 }
-# Alerts whose value is a panel of the dashboards: the same PromQL (telemetry/queries.py).
+# Alerts whose value is a panel of the dashboards: the same PromQL (tools/queries.py).
 SAME_AS_QUERY = {
     "HighSessionFailureRate": "session_failure_rate",
     "HighEncryptionLatency": "encrypt_p95",

@@ -13,9 +13,9 @@ import pytest
 if sys.version_info < (3, 11):  # grafana-foundation-sdk needs Python 3.11
     pytest.skip("grafana-foundation-sdk requires Python >= 3.11", allow_module_level=True)
 
-from sage_otel.telemetry import dashboards
 from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
-from sage_otel.telemetry.queries import m
+from tools import dashboards
+from tools.queries import m
 
 DASHBOARD_DIR = Path(__file__).resolve().parents[1] / "collector" / "grafana" / "dashboards"
 EXPECTED_FILES = {

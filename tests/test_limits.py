@@ -180,3 +180,23 @@ async def test_a_70000_byte_nonce_is_a_typed_400_and_stores_nothing(
             await client.post(url, body)
         assert info.value.http_status == 400 and info.value.code == "bad_handshake"
     assert len(server.responder.replays) == 0 and server.sessions.active_count == 0
+
+
+def test_the_token_bucket_refills_and_says_when_to_retry() -> None:
+    from sage_otel.agent.errors import RateLimitedError
+    from sage_otel.agent.handshake import HandshakeLimiter
+
+    now = [0.0]
+    limiter = HandshakeLimiter("2/second", clock=lambda: now[0], max_peers=2)
+    limiter.hit("a")
+    limiter.hit("a")
+    with pytest.raises(RateLimitedError) as info:
+        limiter.hit("a")
+    assert info.value.retry_after == 1  # half a token short at 2/s: 0.5 s, rounded up
+    limiter.hit("b")  # another peer is untouched
+    now[0] += 0.5
+    limiter.hit("a")  # refilled by one token
+    limiter.hit("c")
+    assert len(limiter._buckets) == 2  # bounded: the least recent peer was forgotten
+    with pytest.raises(ValueError):
+        HandshakeLimiter("fast")

@@ -241,3 +241,40 @@ def test_otlp_temporality_preference_from_the_environment(monkeypatch: pytest.Mo
     # The specification's "delta": counters and histograms; up-down counters stay cumulative.
     assert delta is not None and delta.kinds == {Kind.COUNTER, Kind.HISTOGRAM}
     reader.shutdown(timeout_millis=100)
+
+
+def test_a_forked_child_gets_fresh_telemetry() -> None:
+    """gunicorn --preload: configure() ran in the parent, then the worker was forked."""
+    import json as _json
+
+    telemetry = sage_otel.configure(serve_metrics=False, set_global=False)
+    telemetry.meters.counter("sessions_created", status="success").add(5)
+    parent_id = telemetry.resource.attributes["service.instance.id"]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it sees, then leave without running atexit hooks
+        try:
+            child = setup.current()
+            cell = child.store.cell(
+                next(
+                    i
+                    for i in __import__("sage_otel.telemetry.catalog", fromlist=["x"]).INSTRUMENTS
+                    if i.key == "sessions_created"
+                ),
+                ("success",),
+            )
+            report = {
+                "renewed": child is not telemetry,
+                "instance": child.resource.attributes["service.instance.id"],
+                "count": cell.value,
+            }
+            os.write(write, _json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        report = _json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert report["renewed"] and report["instance"] != parent_id and report["count"] == 0
+    # The parent's own telemetry is untouched.
+    assert setup.current() is telemetry

@@ -1,6 +1,6 @@
 """Real Prometheus scraping `sage-otel demo`'s /metrics: every query the project ships runs.
 
-The monitoring plan's queries (§4.2, as corrected in sage_otel.telemetry.queries), every
+The monitoring plan's queries (§4.2, as corrected in tools.queries), every
 dashboard panel's query and every alert's expression parse and return data from a real
 scrape, and Prometheus stores the exemplars /metrics offers in OpenMetrics.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from sage_otel.telemetry.dashboards import panel_queries
-from sage_otel.telemetry.queries import PLAN_QUERIES
+from tools.dashboards import panel_queries
+from tools.queries import PLAN_QUERIES
 
 from . import services
 from .promql import ALERTS, COLLECTOR_ALERTS, alert_rules, measured

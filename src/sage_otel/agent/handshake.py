@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import hpke
@@ -235,29 +236,49 @@ class Initiator:
             pending.wipe()
 
 
-class HandshakeLimiter:
-    """Handshakes per sender DID: a moving window (``limits``), checked after the signature.
+_PER = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 
-    Keyed by the verified DID, so nobody can spend another peer's allowance.
+
+class HandshakeLimiter:
+    """A token bucket per sender DID, checked after the signature verifies.
+
+    Keyed by the verified DID, so nobody can spend another peer's allowance. ``rate`` is
+    ``"<n>/second"``, ``"/minute"`` or ``"/hour"``; a peer may burst up to ``n`` at once.
+    Buckets are kept for at most ``max_peers`` DIDs (the least recently seen is forgotten,
+    which only ever refills it). Written here rather than taken from a rate-limit library:
+    the in-memory backends considered start a timer thread per expiry, on the hot path.
     """
 
-    def __init__(self, rate: str = "50/second") -> None:
-        from limits import parse
-        from limits.storage import MemoryStorage
-        from limits.strategies import MovingWindowRateLimiter
-
-        self.item = parse(rate)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+    def __init__(
+        self,
+        rate: str = "50/second",
+        clock: Callable[[], float] = time.monotonic,
+        max_peers: int = 100_000,
+    ) -> None:
+        count, _, unit = rate.partition("/")
+        try:
+            self.burst = float(count)
+            self.per_second = self.burst / _PER[unit.strip()]
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"rate must be '<n>/second|minute|hour', not {rate!r}") from exc
+        self.clock = clock
+        self.max_peers = max_peers
+        self._buckets: dict[object, tuple[float, float]] = {}
 
     def hit(self, did: object) -> None:
-        key = str(did)
-        if not self._limiter.hit(self.item, key):
-            reset, _ = self._limiter.get_window_stats(self.item, key)
+        now = self.clock()
+        tokens, last = self._buckets.pop(did, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.per_second)
+        if tokens < 1.0:
+            self._buckets[did] = (tokens, now)
             raise RateLimitedError(
                 "handshake rate limit for this peer",
                 code="handshake_rate_limited",
-                retry_after=reset - time.time(),
+                retry_after=(1.0 - tokens) / self.per_second,
             )
+        self._buckets[did] = (tokens - 1.0, now)
+        if len(self._buckets) > self.max_peers:
+            del self._buckets[next(iter(self._buckets))]
 
 
 class Responder:

@@ -251,6 +251,7 @@ def configure(
     instrument: bool = True,
     crypto_detail: str | None = None,
     set_global: bool = True,
+    _resource: Resource | None = None,
 ) -> Telemetry:
     """Set up traces and metrics for this process; calling it again returns the same setup.
 
@@ -290,7 +291,7 @@ def configure(
         os.environ.setdefault("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
         for name in _EXPORT_LOGGERS:
             logging.getLogger(name).addFilter(_export_log_filter)
-        resource = build_resource(service_name, resource_attributes)
+        resource = _resource or build_resource(service_name, resource_attributes)
         shared_dir = multiprocess_dir()
 
         registry = CollectorRegistry(auto_describe=True)
@@ -389,7 +390,15 @@ def _renew_after_fork() -> None:
         if inherited._instrumentor is not None:
             inherited._instrumentor.uninstrument()
         inherited._server = None  # the listening socket belongs to the parent
-        configure(**{**inherited.options, "set_global": False}, serve_metrics=False)
+        # The parent's resource with a new instance id: resource detection would use a
+        # thread pool, which cannot start inside an at-fork hook.
+        attributes = dict(inherited.resource.attributes)
+        attributes["service.instance.id"] = str(uuid.uuid4())
+        configure(
+            **{**inherited.options, "set_global": False},
+            serve_metrics=False,
+            _resource=Resource(attributes, inherited.resource.schema_url),
+        )
     except Exception:  # telemetry must never break the worker
         _logger.exception("sage-otel: could not renew telemetry after fork")
 

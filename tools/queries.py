@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .catalog import BY_KEY
+from sage_otel.telemetry.catalog import BY_KEY
 
 
 def m(key: str, suffix: str = "") -> str:

@@ -1,7 +1,7 @@
 """docs/metrics.md, rendered from the metric catalog.
 
-Run ``python -m sage_otel.telemetry.docs > docs/metrics.md`` or
-``python -m sage_otel.telemetry.docs --write`` after changing the catalog;
+Run ``python -m tools.metrics_docs > docs/metrics.md`` or
+``python -m tools.metrics_docs --write`` after changing the catalog;
 ``--check`` exits 1 when docs/metrics.md is stale. A test does the same check.
 
 Every name, type, label value, unit and bucket comes from
@@ -18,11 +18,11 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..agent.errors import ErrorCategory
-from .catalog import HANDSHAKE_ERROR_TYPES, INSTRUMENTS, OTHER, Instrument, Kind
+from sage_otel.agent.errors import ErrorCategory
+from sage_otel.telemetry.catalog import HANDSHAKE_ERROR_TYPES, INSTRUMENTS, OTHER, Instrument, Kind
 
-DEFAULT_PATH = Path(__file__).resolve().parents[3] / "docs" / "metrics.md"
-REGENERATE = "python -m sage_otel.telemetry.docs --write"
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+REGENERATE = "python -m tools.metrics_docs --write"
 
 # Subsystem sections, in page order: (title, OTel name prefixes, what the section covers).
 SECTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -515,7 +515,7 @@ def render_metrics_markdown() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sage_otel.telemetry.docs",
+        prog="python -m tools.metrics_docs",
         description="Render docs/metrics.md from the metric catalog (to stdout by default).",
     )
     group = parser.add_mutually_exclusive_group()

@@ -1,11 +1,11 @@
 """Grafana dashboards for SAGE agents, built with grafana-foundation-sdk.
 
-Run ``python -m sage_otel.telemetry.dashboards --write`` after changing the catalog, the
+Run ``python -m tools.dashboards --write`` after changing the catalog, the
 queries or this module; it writes ``collector/grafana/dashboards/*.json`` (``--check`` exits 1
 when they are stale, and a test does the same check).
 
 Every metric name comes from :mod:`sage_otel.telemetry.catalog` through the helpers of
-:mod:`sage_otel.telemetry.queries` (``m()``, ``quantile()``, ``ratio()``, ``PLAN_QUERIES``);
+:mod:`tools.queries` (``m()``, ``quantile()``, ``ratio()``, ``PLAN_QUERIES``);
 none is typed here. Panels are written unscoped and :func:`scoped` adds the dashboard's
 ``job``/``instance`` filters to every SAGE selector in one place.
 
@@ -35,11 +35,12 @@ from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models import heatmap as heatmap_models
 from grafana_foundation_sdk.models import prometheus as prometheus_models
 
-from .catalog import INSTRUMENTS, Kind
+from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
+
 from .queries import BY_QUERY_KEY, m, quantile
 
-DEFAULT_DIR = Path(__file__).resolve().parents[3] / "collector" / "grafana" / "dashboards"
-REGENERATE = "python -m sage_otel.telemetry.dashboards --write"
+DEFAULT_DIR = Path(__file__).resolve().parents[1] / "collector" / "grafana" / "dashboards"
+REGENERATE = "python -m tools.dashboards --write"
 
 DATASOURCE_VARIABLE = "datasource"
 DATASOURCE_UID = "prometheus"
@@ -937,7 +938,7 @@ def stale(directory: Path = DEFAULT_DIR) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m sage_otel.telemetry.dashboards",
+        prog="python -m tools.dashboards",
         description="Generate the SAGE Grafana dashboards (lists them by default).",
     )
     group = parser.add_mutually_exclusive_group()
