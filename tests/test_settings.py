@@ -278,3 +278,42 @@ def test_a_forked_child_gets_fresh_telemetry() -> None:
     assert report["renewed"] and report["instance"] != parent_id and report["count"] == 0
     # The parent's own telemetry is untouched.
     assert setup.current() is telemetry
+
+
+def test_export_resumes_when_the_backend_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[str] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            received.append(self.path)
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = free_port()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "500")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    telemetry = sage_otel.configure(metrics_port=0, set_global=False)
+    tracer = telemetry.tracer_provider.get_tracer("t")
+    for _ in range(20):
+        tracer.start_span("while down").end()
+    time.sleep(1.0)  # the backend is down: those batches fail and are dropped
+    server = ThreadingHTTPServer(("127.0.0.1", port), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for _ in range(20):
+            tracer.start_span("after it came back").end()
+        deadline = time.monotonic() + 10
+        while "/v1/traces" not in received and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "/v1/traces" in received
+    finally:
+        telemetry.shutdown(timeout=2.0)
+        server.shutdown()

@@ -53,8 +53,10 @@ _logger = logging.getLogger(__name__)
 DEFAULT_SERVICE_NAME = "sage-agent"
 DEFAULT_METRICS_PORT = 9090  # the monitoring plan's agent metrics port
 DEFAULT_METRICS_HOST = "127.0.0.1"
-DEFAULT_SHUTDOWN_TIMEOUT = 5.0  # seconds: well inside a 30 s termination grace period
+# Seconds: well inside a 30 s termination grace period; SAGE_OTEL_SHUTDOWN_TIMEOUT overrides.
+DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_OTLP_TIMEOUT_MS = 10_000
+_QUEUE_LOGGER = "opentelemetry.sdk._shared_internal"
 _EXPORT_LOGGERS = (
     "opentelemetry.sdk._shared_internal",
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
@@ -113,8 +115,10 @@ class Telemetry:
         if self.meters is None:
             self.meters = StoreMeters(self.store)
 
-    def shutdown(self, timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> bool:
+    def shutdown(self, timeout: float | None = None) -> bool:
         """Flush and stop, within ``timeout`` seconds in all; False if it had to give up.
+
+        The default is ``SAGE_OTEL_SHUTDOWN_TIMEOUT`` (seconds), else 5.
 
         Both providers shut down at once, in daemon threads: an unreachable collector
         cannot hold the process past its termination grace period.
@@ -130,6 +134,12 @@ class Telemetry:
                 self._server = None
             if _current is self:
                 _current = None
+        if timeout is None:
+            try:
+                timeout = float(os.environ.get("SAGE_OTEL_SHUTDOWN_TIMEOUT") or 0) or None
+            except ValueError:
+                timeout = None
+            timeout = timeout or DEFAULT_SHUTDOWN_TIMEOUT
         deadline = time.monotonic() + timeout
         meter_timeout_ms = max(1, int(timeout * 1000))
         workers = [
@@ -291,6 +301,13 @@ def configure(
         os.environ.setdefault("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
         for name in _EXPORT_LOGGERS:
             logging.getLogger(name).addFilter(_export_log_filter)
+        # The batch processor warns once per span it drops while its queue is full: a log
+        # record per span is a real cost when the collector is down. The drops are counted
+        # (otel_sdk_processor_span_processed_total{error_type="queue_full"}) and the
+        # exporters' own failures are still logged, once a minute each.
+        queue_logger = logging.getLogger(_QUEUE_LOGGER)
+        if queue_logger.level == logging.NOTSET:
+            queue_logger.setLevel(logging.ERROR)
         resource = _resource or build_resource(service_name, resource_attributes)
         shared_dir = multiprocess_dir()
 
