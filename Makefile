@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
 .PHONY: demo test lint install clean bench collector jaeger prometheus validators e2e-prereqs \
-	dashboards metrics-docs lowest-deps fuzz soak bench-backend
+	dashboards metrics-docs lowest-deps fuzz soak bench-backend bench-http
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,11 @@ fuzz: $(STAMP)
 SOAK_MINUTES ?= 10
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak --baseline-minutes 1 --minutes $(SOAK_MINUTES) --out /tmp/sage-otel-soak.json
+
+# SAGE over HTTP against a bare echo on the same fast stacks (installs the `fast` extra).
+bench-http: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[fast]'
+	$(BIN)/python -m benchmarks.http_path --rounds 3 --seconds 5
 
 # Throughput and shutdown with the OTLP backend healthy, refused or a black hole (performance.md).
 bench-backend: $(STAMP)

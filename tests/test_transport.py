@@ -299,3 +299,19 @@ async def test_answers_are_not_held_back_by_delayed_acks(start_server: StartServ
             assert (await http.get(url + "/healthz")).status_code == 200
         elapsed = time.perf_counter() - started
     assert elapsed < 0.6, f"20 requests took {elapsed:.2f} s"
+
+
+async def test_the_aiohttp_client_speaks_the_same_protocol(start_server, make_client) -> None:
+    from sage_otel.agent.errors import NetworkError
+    from sage_otel.agent.transport import AiohttpSession
+
+    server, url = await start_server()
+    client = await make_client(http=AiohttpSession())
+    conn = await client.connect(url, str(server.identity.did))
+    assert await client.send(conn, "over aiohttp") == "over aiohttp"
+    server.sessions.close(conn.session.id)
+    with pytest.raises(PeerError) as info:
+        await client.send(conn, "gone")
+    assert info.value.code == "unknown_session" and conn.session.closed
+    with pytest.raises(NetworkError):
+        await client.post("http://127.0.0.1:1", b"{}")

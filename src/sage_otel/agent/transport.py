@@ -199,11 +199,58 @@ def _log_defect_once() -> None:
         _logger.exception("sage-otel: unexpected error answering a request (logged once)")
 
 
+@dataclass(frozen=True)
+class RawAnswer:
+    """An HTTP answer as the client reads it, whatever library fetched it."""
+
+    status_code: int
+    content: bytes
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.status_code < 300
+
+
+class AiohttpSession:
+    """An aiohttp-based HTTP client for :class:`ClientAgent` (``http=AiohttpSession()``).
+
+    Several times faster per request than httpx on this path; used where throughput
+    matters (the HTTP benchmark). Connection errors become :class:`NetworkError`.
+    """
+
+    def __init__(self, timeout: float = 10.0, limit: int = 64) -> None:
+        self.timeout = timeout
+        self.limit = limit
+        self._session = None
+
+    async def post(self, url: str, *, content: bytes, headers: dict[str, str]) -> RawAnswer:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=self.limit),
+                trust_env=False,
+            )
+        try:
+            async with self._session.post(url, data=content, headers=headers) as answer:
+                return RawAnswer(answer.status, await answer.read())
+        except asyncio.TimeoutError as exc:
+            raise NetworkError("request timed out", code="request_timeout") from exc
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise NetworkError("peer unreachable") from exc
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 def _default_handler(_session: Session, data: str | bytes) -> str | bytes:
     return data
 
 
-def _read_answer(answer: httpx.Response) -> Any:
+def _read_answer(answer: httpx.Response | RawAnswer) -> Any:
     """The JSON inside an answer's ``data``, None without data; failures raise typed errors."""
     try:
         body = loads(answer.content)
@@ -525,7 +572,7 @@ class ClientAgent:
         *,
         sessions: SessionManager | None = None,
         validator: MessageValidator | None = None,
-        http: httpx.AsyncClient | None = None,
+        http: httpx.AsyncClient | AiohttpSession | None = None,
         handshake_timeout: float = 10.0,
         entropy: Entropy = SYSTEM,
         sweep_interval: float = 1.0,
