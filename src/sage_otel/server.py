@@ -98,7 +98,13 @@ def create_app() -> Any:
     identity = load_identity(
         os.environ.get(IDENTITY_ENV) or "sage-identity.json", os.environ.get(CHAIN_ENV, "solana")
     )
-    telemetry = sage_otel.configure(service_name=os.environ.get("OTEL_SERVICE_NAME"))
+    from .telemetry.setup import otlp_configured
+
+    # Spans only when something exports them: a worker's /metrics carries no exemplars
+    # (multiprocess mode), so an unexported span would be pure cost on every message.
+    telemetry = sage_otel.configure(
+        service_name=os.environ.get("OTEL_SERVICE_NAME"), traces=otlp_configured("TRACES")
+    )
     atexit.register(telemetry.shutdown)
     agent = ServerAgent(identity, DIDResolver(_registry()))
 
