@@ -31,7 +31,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from sage_otel.instrumentation import SageInstrumentor
@@ -48,6 +48,7 @@ VARIANTS = {
     "c": "sage-otel metrics + traces (100% sampled)",
     "d": "hand-written prometheus_client",
     "e": "naive OpenTelemetry (plan snippets)",
+    "f": "sage-otel metrics + traces (parentbased_traceidratio 0.1)",
 }
 
 
@@ -57,7 +58,7 @@ class _DropSpans(SpanExporter):
 
 
 @contextmanager
-def _sage(traces: bool) -> Iterator[None]:
+def _sage(traces: bool, ratio: float = 1.0) -> Iterator[None]:
     resource = Resource.create({"service.name": "bench"})
     reader = ExemplarPrometheusMetricReader(CollectorRegistry())
     provider = MeterProvider(resource=resource, metric_readers=[reader])
@@ -65,7 +66,8 @@ def _sage(traces: bool) -> Iterator[None]:
     store.attach(reader, resource)
     tracer_provider: trace.TracerProvider = trace.NoOpTracerProvider()
     if traces:
-        tracer_provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+        sampler = ALWAYS_ON if ratio >= 1.0 else ParentBased(TraceIdRatioBased(ratio))
+        tracer_provider = TracerProvider(resource=resource, sampler=sampler)
         tracer_provider.add_span_processor(BatchSpanProcessor(_DropSpans()))
     instrumentor = SageInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider, meters=StoreMeters(store))
@@ -90,6 +92,7 @@ SETUPS: dict[str, Callable[[], object]] = {
     "c": lambda: _sage(traces=True),
     "d": lambda: handwritten(PrometheusBackend()),
     "e": lambda: handwritten(NaiveOtelBackend()),
+    "f": lambda: _sage(traces=True, ratio=0.1),
 }
 
 
