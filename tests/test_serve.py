@@ -248,3 +248,15 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path, which: str) -> Non
         )
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and busy in done.stderr
+
+
+def test_the_demo_drives_its_server_in_its_own_process_with_fast(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(BIN), "demo", "--fast", "--rate", "0", "--duration", "3", "--json",
+         "--metrics-port", "0", "--registry", str(tmp_path / "registry.json")],
+        capture_output=True, text=True, env=_clean_env(), timeout=90,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["messages_ok"] > 100 and not summary["unexpected_errors"]
+    assert summary["replays_rejected"] > 0 and summary["handshakes_failed"] > 0

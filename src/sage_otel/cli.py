@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", metavar="URL", help="drive this server agent instead of starting one"
     )
     demo.add_argument("--server-did", metavar="DID", help="the DID of the --server agent")
+    demo.add_argument(
+        "--fast",
+        action="store_true",
+        help="run the server agent in its own process (sage-otel serve) and aiohttp clients",
+    )
 
     serve = commands.add_parser(
         "serve", help="serve a SAGE server agent (several worker processes with --workers)"
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_host=args.metrics_host,
             server_url=args.server,
             server_did=args.server_did,
+            fast=args.fast,
         )
         return demo_main(config, as_json=args.json)
     return 2
