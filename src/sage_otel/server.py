@@ -207,8 +207,7 @@ def serve(
     except (OSError, WebConfigError) as error:
         print(f"sage-otel serve: cannot start: metrics: {error}", file=sys.stderr)
         return 2
-    tls = web_config is not None and isinstance(metrics_server.socket, ssl.SSLSocket)
-    scheme = "https" if tls else "http"
+    scheme = "https" if isinstance(metrics_server.socket, ssl.SSLSocket) else "http"
     metrics_url = f"{scheme}://{metrics_host}:{metrics_server.server_address[1]}/metrics"
     line = f"did={identity.did} url={url} metrics={metrics_url}"
     threading.Thread(target=_announce_when_ready, args=(line, url), daemon=True).start()

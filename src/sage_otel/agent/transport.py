@@ -149,18 +149,33 @@ def envelope_body(
     role: str = "",
 ) -> bytes:
     """A request body byte for byte as the reference's client writes it (``omitempty``)."""
-    wire: dict[str, Any] = {"id": message_id}
-    if context_id:
-        wire["context_id"] = context_id
-    if task_id:
-        wire["task_id"] = task_id
-    wire["payload"] = b64std(payload)
-    wire["did"] = did
-    wire["signature"] = b64std(signature) if signature else None
-    if metadata:
-        wire["metadata"] = dict(metadata)
-    if role:
-        wire["role"] = role
+    return wire_body(
+        {
+            "id": message_id,
+            "context_id": context_id,
+            "task_id": task_id,
+            "payload": b64std(payload),
+            "did": did,
+            "signature": b64std(signature) if signature else None,
+            "metadata": metadata,
+            "role": role,
+        }
+    )
+
+
+def wire_body(envelope: Mapping[str, Any]) -> bytes:
+    """:func:`envelope_body` for an envelope whose bytes are already base64 (as
+    :meth:`ClientAgent.envelope` builds it): Go's field order, empty fields left out."""
+    wire: dict[str, Any] = {"id": envelope.get("id", "")}
+    for key in ("context_id", "task_id"):
+        if envelope.get(key):
+            wire[key] = envelope[key]
+    wire["payload"] = envelope.get("payload", "")
+    wire["did"] = envelope.get("did", "")
+    wire["signature"] = envelope.get("signature") or None
+    for key in ("metadata", "role"):
+        if envelope.get(key):
+            wire[key] = envelope[key]
     return go_json(wire)
 
 
@@ -436,7 +451,11 @@ class ServerAgent:
 
     def _open(self, envelope: Envelope) -> tuple[Session, str | bytes]:
         session = self.sessions.get(envelope.context_id)
-        if envelope.did and parse_did(envelope.did) != parse_did(session.peer_did):
+        if (
+            envelope.did
+            and envelope.did != session.peer_did  # the common case: no parsing at all
+            and parse_did(envelope.did) != parse_did(session.peer_did)
+        ):
             raise InvalidMessageError("sender is not the session's peer", code="wrong_peer")
         plaintext = self.validator.open_wire(
             session, envelope.raw_payload, envelope.metadata, envelope=envelope
@@ -616,19 +635,7 @@ class ClientAgent:
         self, base_url: str, body: dict[str, Any] | bytes, headers: dict[str, str] | None = None
     ) -> Any:
         """POST an envelope; the answer's data, a typed PeerError, or NetworkError."""
-        if isinstance(body, dict):
-            content = envelope_body(
-                message_id=body.get("id", ""),
-                context_id=body.get("context_id", ""),
-                task_id=body.get("task_id", ""),
-                payload=from_b64std(body.get("payload", ""), "payload"),
-                did=body.get("did", ""),
-                signature=from_b64std(body.get("signature") or "", "signature"),
-                metadata=body.get("metadata"),
-                role=body.get("role", ""),
-            )
-        else:
-            content = body
+        content = wire_body(body) if isinstance(body, dict) else body
         headers = {
             **(headers or {}),
             "content-type": "application/json",
