@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
 .PHONY: demo test lint install clean bench collector jaeger prometheus validators e2e-prereqs \
-	dashboards metrics-docs lowest-deps fuzz soak bench-backend bench-http
+	dashboards metrics-docs lowest-deps fuzz soak bench-backend bench-http graphviz pictures
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ dashboards: $(STAMP)
 metrics-docs: $(STAMP)
 	$(BIN)/python -m tools.metrics_docs --write
 
+# docs/images/: the demo with its injected failures against Prometheus and Jaeger v2 for
+# PICTURES_SECONDS, then the dashboards, an exemplar's trace and an alert drawn from what
+# they stored, and the architecture from docs/images/architecture.dot (tools/pictures.py).
+PICTURES_SECONDS ?= 150
+pictures: $(STAMP) jaeger prometheus graphviz
+	$(BIN)/python -m tools.pictures --seconds $(PICTURES_SECONDS) --out docs/images
+
 # End-to-end prerequisites, cached outside the repo (see scripts/): the collector
 # distribution and Jaeger v2 built with Go, Prometheus from Debian's package.
 collector:
@@ -51,7 +58,10 @@ prometheus:
 validators:
 	@bash scripts/ensure-validators.sh
 
-e2e-prereqs: collector jaeger prometheus validators
+graphviz:
+	@bash scripts/ensure-graphviz.sh
+
+e2e-prereqs: collector jaeger prometheus validators graphviz
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
