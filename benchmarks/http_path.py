@@ -95,7 +95,9 @@ def start_echo() -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-def start_sage(workdir: Path, telemetry: bool) -> tuple[subprocess.Popen, str, str]:
+def start_sage(
+    workdir: Path, telemetry: bool, chain: str = "solana"
+) -> tuple[subprocess.Popen, str, str]:
     port, metrics = _free_port(), _free_port()
     env = _env() if telemetry else _env(OTEL_SDK_DISABLED="true")
     process = subprocess.Popen(
@@ -107,9 +109,11 @@ def start_sage(workdir: Path, telemetry: bool) -> tuple[subprocess.Popen, str, s
             "--metrics-port",
             str(metrics),
             "--identity",
-            str(workdir / f"server-{telemetry}.json"),
+            str(workdir / f"server-{telemetry}-{chain}.json"),
             "--registry",
             str(workdir / "registry.json"),
+            "--chain",
+            chain,
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -199,17 +203,21 @@ def summary(latencies: list[float], seconds: float) -> dict[str, float]:
     }
 
 
+def use_uvloop() -> None:
+    """The clients' event loop: uvloop where it is installed, as for the server."""
+    try:
+        import uvloop
+    except ImportError:  # not built for this platform
+        return
+    uvloop.install()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    use_uvloop()
     results: dict[str, list[dict[str, float]]] = {"bare": [], "sage": [], "sage-off": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

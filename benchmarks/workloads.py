@@ -46,14 +46,16 @@ class MessageRoundTrip:
 
 
 class Handshake:
-    """A full HPKE handshake between two registered agents: init, process, finalize."""
+    """A full HPKE handshake between two registered agents: init, process, finalize.
 
-    def __init__(self) -> None:
+    The chains pick the identity types: ethereum is secp256k1, solana is Ed25519."""
+
+    def __init__(self, client_chain: str = "ethereum", server_chain: str = "solana") -> None:
         self.loop = asyncio.new_event_loop()
         registry = InMemoryRegistry()
         self.client, self.server = (
-            AgentIdentity.generate("ethereum"),
-            AgentIdentity.generate("solana"),
+            AgentIdentity.generate(client_chain),
+            AgentIdentity.generate(server_chain),
         )
         for identity in (self.client, self.server):
             document = DIDDocument.for_identity(identity)

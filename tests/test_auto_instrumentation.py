@@ -83,6 +83,7 @@ def auto_run() -> tuple[int, str, str]:
         str(BIN / "opentelemetry-instrument"),
         str(BIN / "sage-otel"),
         "demo",
+        "--in-process",  # the agents this process instruments
         "--no-telemetry",
         "--duration",
         "3",

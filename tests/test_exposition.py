@@ -234,6 +234,7 @@ def scrape() -> Scrape:
         "-m",
         "sage_otel.cli",
         "demo",
+        "--in-process",  # one /metrics with the server's series and exemplars
         "--duration",
         str(DEMO_DURATION),
         "--metrics-port",

@@ -122,7 +122,7 @@ async def test_full_handshake_gives_matching_sessions(
     message = seal(alice_session, "hello bob")
     assert MessageValidator().open(bob_session, message) == "hello bob"
     # The initiator's ephemeral secrets are wiped after finalize.
-    assert pending.exporter == b"" and pending.eph_c_private == b""
+    assert pending.exporter == b"" and pending.eph_c_private is None
 
 
 async def test_two_handshakes_give_distinct_sessions(peers: Peers) -> None:
@@ -408,7 +408,7 @@ async def test_tampered_response_without_resigning_is_refused(peers: Peers, fiel
         assert isinstance(info.value, SignatureError)
         assert info.value.code == "bad_signature"
     assert peers.alice_sessions.active_count == 0
-    assert pending.exporter == b"" and pending.eph_c_private == b""
+    assert pending.exporter == b"" and pending.eph_c_private is None
 
 
 async def test_tampered_signature_is_refused(peers: Peers) -> None:

@@ -123,18 +123,18 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Secrets:
 
     monkeypatch.setattr(session_module, "directional_keys", keys_spy)
 
-    public_key = hpke.public_key
+    public_bytes = hpke.public_bytes
 
-    def ephemeral_spy(private: bytes) -> bytes:
-        found.add("ephemeral X25519 private key", private)
-        return public_key(private)
+    def ephemeral_spy(private: Any) -> bytes:
+        found.add("ephemeral X25519 private key", hpke.private_bytes(private))
+        return public_bytes(private)
 
-    monkeypatch.setattr(hpke, "public_key", ephemeral_spy)
+    monkeypatch.setattr(hpke, "public_bytes", ephemeral_spy)
 
     dh = hpke._dh
 
     def dh_spy(private: Any, public: Any) -> bytes:
-        found.add("HPKE private key", hpke._private_bytes(private))
+        found.add("HPKE private key", hpke.private_bytes(private))
         shared = dh(private, public)
         found.add("HPKE DH output", shared)
         return shared
@@ -159,7 +159,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Secrets:
     ) -> Any:
         pending = init(self, peer, ctx_id, **kwargs)
         found.add("handshake nonce", pending.fields["nonce"].encode())
-        found.add("initiator ephemeral private key", pending.eph_c_private)
+        found.add("initiator ephemeral private key", hpke.private_bytes(pending.eph_c_private))
         found.add("initiator exported secret", pending.exporter)
         return pending
 

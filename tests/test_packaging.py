@@ -34,9 +34,6 @@ DECLARED_WITHOUT_IMPORT = {
     "sniffio",
     # The `auto` extra: `opentelemetry-instrument` loads it (entry points) to set up the SDK.
     "opentelemetry-distro",
-    # The `fast` extra: uvicorn uses them by itself when they are installed.
-    "uvloop",
-    "httptools",
 }
 
 

@@ -275,7 +275,7 @@ def test_demo_agent_service(services: dict[str, dict[str, Any]]) -> None:
     assert image_parts(demo["image"]) == ("python", "3.12-slim")
     script = " ".join(demo["command"])
     assert "pip install" in script and "/src" in script
-    assert "sage-otel demo --metrics-port 9090" in script
+    assert "sage-otel demo --in-process --metrics-port 9090" in script
     assert repo_path_in(demo, PurePosixPath("/src/pyproject.toml")) == REPO / "pyproject.toml"
 
     env = {key: str(value) for key, value in demo["environment"].items()}

@@ -71,10 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--server", metavar="URL", help="drive this server agent instead of starting one"
     )
     demo.add_argument("--server-did", metavar="DID", help="the DID of the --server agent")
-    demo.add_argument(
+    where = demo.add_mutually_exclusive_group()
+    where.add_argument(
         "--fast",
+        dest="fast",
         action="store_true",
-        help="run the server agent in its own process (sage-otel serve) and aiohttp clients",
+        default=True,
+        help="the server agent in its own process (sage-otel serve), aiohttp clients (the default)",
+    )
+    where.add_argument(
+        "--in-process",
+        dest="fast",
+        action="store_false",
+        help="the server agent and the clients in this process, on one event loop: one "
+        "/metrics with every series and exemplar",
     )
 
     serve = commands.add_parser(

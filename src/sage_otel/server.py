@@ -160,6 +160,24 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+def _event_loop() -> str:
+    """uvloop: several times the requests per second of asyncio's loop (performance.md)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:  # not built for this platform (Windows)
+        return "asyncio"
+    return "uvloop"
+
+
+def _http_parser() -> str:
+    """httptools (llhttp, in C) rather than the pure-Python h11."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
+
+
 def serve(
     *,
     host: str,
@@ -226,6 +244,8 @@ def serve(
         host=host,
         port=port,
         workers=workers,
+        loop=_event_loop(),
+        http=_http_parser(),
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=3,

@@ -116,6 +116,7 @@ def run_demo(collector: Collector, tmp: Path) -> dict[str, Any]:
             "-m",
             "sage_otel.cli",
             "demo",
+            "--in-process",  # every span of a trace from this one process
             "--duration",
             str(DEMO_SECONDS),
             "--json",

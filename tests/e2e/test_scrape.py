@@ -40,8 +40,9 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
     demo = subprocess.Popen(
         [
-            sys.executable, "-m", "sage_otel.cli", "demo", "--duration", "120", "--json",
-            "--clients", "3", "--metrics-host", services.LOOPBACK, "--metrics-port", str(port),
+            sys.executable, "-m", "sage_otel.cli", "demo", "--in-process", "--duration", "120",
+            "--json", "--clients", "3", "--metrics-host", services.LOOPBACK,
+            "--metrics-port", str(port),
         ],
         env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip

@@ -109,7 +109,7 @@ class PendingHandshake:
     fields: dict[str, str]
     profile: PeerProfile
     exporter: bytes = field(repr=False)
-    eph_c_private: bytes = field(repr=False)
+    eph_c_private: hpke.X25519PrivateKey | None = field(repr=False)
 
     def wipe(self) -> None:
         """Drop this object's references to the secrets so they can be freed.
@@ -117,7 +117,7 @@ class PendingHandshake:
         Python ``bytes`` cannot be overwritten in place: this shortens how long the secrets
         are reachable, it does not erase them from memory.
         """
-        self.exporter = self.eph_c_private = b""
+        self.exporter, self.eph_c_private = b"", None
 
 
 class Initiator:
@@ -142,8 +142,8 @@ class Initiator:
         info = build_info(ctx_id, init_did, resp_did)
         export_ctx = build_export_ctx(ctx_id)
         enc, context = hpke.setup_base_sender(peer.kem_public_key, info, ikm_e=entropy.random(32))
-        eph_c_private = entropy.random(32)
-        eph_c = hpke.public_key(eph_c_private)
+        eph_c_private = hpke.load_private(entropy.random(32))
+        eph_c = hpke.public_bytes(eph_c_private)
         fields = {
             "initDid": init_did,
             "respDid": resp_did,
@@ -205,6 +205,8 @@ class Initiator:
             if not _bound_text(kid):
                 raise InvalidMessageError("handshake response kid invalid", code="bad_handshake")
             eph_s = from_b64url(resp.get("ephS"), "ephS")
+            if pending.eph_c_private is None:
+                raise InvalidMessageError("handshake already finalized", code="bad_handshake")
             seed = combine_seed(
                 pending.exporter,
                 x25519_e2e(pending.eph_c_private, eph_s),
@@ -295,6 +297,7 @@ class Responder:
         self.identity = identity
         self.resolver = resolver
         self.sessions = sessions
+        self._kem: tuple[bytes, hpke.X25519PrivateKey] | None = None
         self.clock = clock
         self.entropy = entropy
         self.limiter = limiter if limiter is not None else HandshakeLimiter()
@@ -303,6 +306,14 @@ class Responder:
             if replays is not None
             else ScopedNonceCaches(HANDSHAKE_REPLAY_TTL, REPLAYS_PER_DID, clock)
         )
+
+    @property
+    def _kem_private(self) -> hpke.X25519PrivateKey:
+        """The static KEM key, loaded once (and again only if the identity's key changes)."""
+        raw = self.identity.kem.private
+        if self._kem is None or self._kem[0] is not raw:
+            self._kem = (raw, hpke.load_private(raw))
+        return self._kem[1]
 
     async def process(
         self, sender_did: str, payload: bytes, signature: bytes, ctx_id: str | None = None
@@ -361,9 +372,9 @@ class Responder:
         if not replays.mark_new(replay_key, ts):  # a concurrent twin won since the check
             raise ReplayError("handshake replayed", code="handshake_replay")
 
-        context = hpke.setup_base_receiver(enc, self.identity.kem.private, info)
-        eph_s_private = self.entropy.random(32)
-        eph_s = hpke.public_key(eph_s_private)
+        context = hpke.setup_base_receiver(enc, self._kem_private, info, self.identity.kem.public)
+        eph_s_private = hpke.load_private(self.entropy.random(32))
+        eph_s = hpke.public_bytes(eph_s_private)
         seed = combine_seed(
             context.export(export_ctx, 32), x25519_e2e(eph_s_private, eph_c), export_ctx
         )

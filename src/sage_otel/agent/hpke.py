@@ -79,7 +79,11 @@ def _labeled_expand(suite_id: bytes, prk: bytes, label: bytes, info: bytes, leng
     return HKDFExpand(hashes.SHA256(), length, labeled_info).derive(prk)
 
 
-def _load_private(sk: bytes) -> X25519PrivateKey:
+def load_private(sk: bytes | X25519PrivateKey) -> X25519PrivateKey:
+    """A raw private key as a key object; loading computes the public key, a full scalar
+    multiplication, so a handshake loads each key once and passes the object on."""
+    if isinstance(sk, X25519PrivateKey):
+        return sk
     if len(sk) != _NSK:
         raise CryptoError("hpke invalid private key")
     return X25519PrivateKey.from_private_bytes(sk)
@@ -91,11 +95,11 @@ def _load_public(pk: bytes) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(pk)
 
 
-def _public_bytes(sk: X25519PrivateKey) -> bytes:
+def public_bytes(sk: X25519PrivateKey) -> bytes:
     return sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def _private_bytes(sk: X25519PrivateKey) -> bytes:
+def private_bytes(sk: X25519PrivateKey) -> bytes:
     return sk.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
@@ -121,23 +125,27 @@ def derive_key_pair(ikm: bytes) -> tuple[bytes, bytes]:
     ``ikm`` must carry at least as much entropy as a private key, so fewer than 32 bytes
     are refused.
     """
+    sk_bytes, sk = _derive_private(ikm)
+    return sk_bytes, public_bytes(sk)
+
+
+def _derive_private(ikm: bytes) -> tuple[bytes, X25519PrivateKey]:
     if len(ikm) < _NSK:
         raise CryptoError("hpke ikm too short")
     dkp_prk = _labeled_extract(_KEM_SUITE_ID, b"", b"dkp_prk", ikm)
     sk_bytes = _labeled_expand(_KEM_SUITE_ID, dkp_prk, b"sk", b"", _NSK)
-    sk = X25519PrivateKey.from_private_bytes(sk_bytes)
-    return sk_bytes, _public_bytes(sk)
+    return sk_bytes, X25519PrivateKey.from_private_bytes(sk_bytes)
 
 
 def public_key(sk: bytes) -> bytes:
     """The X25519 public key of a raw 32-byte private key."""
-    return _public_bytes(_load_private(sk))
+    return public_bytes(load_private(sk))
 
 
 def generate_key_pair() -> tuple[bytes, bytes]:
     """A fresh random X25519 ``(sk, pk)`` pair, raw 32 bytes each."""
     sk = X25519PrivateKey.generate()
-    return _private_bytes(sk), _public_bytes(sk)
+    return private_bytes(sk), public_bytes(sk)
 
 
 class Context:
@@ -219,20 +227,22 @@ def setup_base_sender(
     callers leave it out so the ephemeral key is fresh and random.
     """
     pk = _load_public(pk_r)
-    if ikm_e is None:
-        sk_e = X25519PrivateKey.generate()
-    else:
-        sk_e = X25519PrivateKey.from_private_bytes(derive_key_pair(ikm_e)[0])
+    sk_e = X25519PrivateKey.generate() if ikm_e is None else _derive_private(ikm_e)[1]
     dh = _dh(sk_e, pk)
-    enc = _public_bytes(sk_e)
+    enc = public_bytes(sk_e)
     shared_secret = _extract_and_expand(dh, enc + pk_r)
     return enc, _key_schedule(shared_secret, info, is_sender=True)
 
 
-def setup_base_receiver(enc: bytes, sk_r: bytes, info: bytes) -> Context:
-    """SetupBaseR: decapsulate ``enc`` with ``sk_r`` and return the receiving context."""
+def setup_base_receiver(
+    enc: bytes, sk_r: bytes | X25519PrivateKey, info: bytes, pk_r: bytes | None = None
+) -> Context:
+    """SetupBaseR: decapsulate ``enc`` with ``sk_r`` and return the receiving context.
+
+    A responder passes its static key as a loaded object with its public key ``pk_r``, so
+    no handshake pays for loading it again."""
     pk_e = _load_public(enc)
-    sk = _load_private(sk_r)
+    sk = load_private(sk_r)
     dh = _dh(sk, pk_e)
-    shared_secret = _extract_and_expand(dh, enc + _public_bytes(sk))
+    shared_secret = _extract_and_expand(dh, enc + (pk_r or public_bytes(sk)))
     return _key_schedule(shared_secret, info, is_sender=False)

@@ -142,11 +142,16 @@ def ack_tag(seed: bytes, ctx_id: str, nonce: str, kid: str, th: bytes) -> bytes:
     return _hmac_sha256(ack_key, _ACK_MSG_LABEL, _len16(ctx_id), _len16(nonce), _len16(kid), th)
 
 
-def x25519_e2e(sk: bytes, pk: bytes) -> bytes:
+def x25519_e2e(sk: bytes | X25519PrivateKey, pk: bytes) -> bytes:
     """Ephemeral X25519 for the forward-secrecy secret; a low-order peer key is refused."""
-    if len(sk) != 32 or len(pk) != 32:
+    if isinstance(sk, X25519PrivateKey):
+        private = sk
+    elif len(sk) == 32:
+        private = X25519PrivateKey.from_private_bytes(sk)
+    else:
         raise CryptoError("invalid x25519 key length")
-    private = X25519PrivateKey.from_private_bytes(sk)
+    if len(pk) != 32:
+        raise CryptoError("invalid x25519 key length")
     public = X25519PublicKey.from_public_bytes(pk)
     try:
         shared = private.exchange(public)

@@ -9,6 +9,7 @@ further use and overwrites its own key buffers. That is best effort, not erasure
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import time
@@ -341,8 +342,10 @@ class SessionManager:
             self.close(session_id)
 
 
+@functools.lru_cache(maxsize=4096)
 def _peer_key(peer_did: str) -> object:
-    """A peer counts once however it spells its DID (aliases, address case)."""
+    """A peer counts once however it spells its DID (aliases, address case). Cached: a
+    session is admitted, created and ended under the same text; the cache is bounded."""
     try:
         return parse_did(peer_did)
     except SageError:
