@@ -157,3 +157,30 @@ def test_the_sdk_has_an_upper_bound() -> None:
     assert any(spec.operator == "<" for spec in sdk.specifier), (
         "opentelemetry-sdk needs an upper bound: telemetry/store.py uses private SDK internals"
     )
+
+
+def test_the_cheaper_suppression_check_agrees_with_the_library() -> None:
+    """instrumentation._enabled() reads the keys of is_instrumentation_enabled() directly."""
+    from opentelemetry import context
+    from opentelemetry.instrumentation.utils import (
+        is_instrumentation_enabled,
+        suppress_instrumentation,
+    )
+
+    from sage_otel import instrumentation
+
+    assert len(instrumentation._SUPPRESS_KEYS) == 2, HINT
+    assert instrumentation._enabled() is is_instrumentation_enabled() is True
+    with suppress_instrumentation():
+        assert instrumentation._enabled() is is_instrumentation_enabled() is False
+    for key in instrumentation._SUPPRESS_KEYS:  # either key alone suppresses
+        token = context.attach(context.set_value(key, True))
+        try:
+            assert instrumentation._enabled() is is_instrumentation_enabled() is False
+        finally:
+            context.detach(token)
+    token = context.attach(context.set_value("unrelated", 1))  # a non-empty context
+    try:
+        assert instrumentation._enabled() is is_instrumentation_enabled() is True
+    finally:
+        context.detach(token)

@@ -25,7 +25,7 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _start(tmp_path: Path, workers: int) -> tuple[subprocess.Popen[str], str, str, str]:
+def _start(tmp_path: Path, workers: int, **env: str) -> tuple[subprocess.Popen[str], str, str, str]:
     port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [
@@ -45,7 +45,7 @@ def _start(tmp_path: Path, workers: int) -> tuple[subprocess.Popen[str], str, st
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_clean_env(),
+        env={**_clean_env(), **env},
     )
     line = process.stdout.readline().strip()
     match = FIRST_LINE.match(line)
@@ -110,7 +110,9 @@ def _stop(process: subprocess.Popen[str]) -> float:
 
 
 def test_counts_are_exact_across_workers_and_survive_a_killed_worker(tmp_path: Path) -> None:
-    process, did, url, metrics = _start(tmp_path, workers=2)
+    # The demo's session limit, as the demo gives the server it starts itself: sessions the
+    # clients stop using end on the server too, instead of filling the per-peer cap.
+    process, did, url, metrics = _start(tmp_path, workers=2, SAGE_OTEL_SESSION_MAX_MESSAGES="100")
     try:
         first = _demo(tmp_path, did, url)
         victims = _workers(process.pid)
@@ -260,3 +262,50 @@ def test_the_demo_drives_its_server_in_its_own_process_with_fast(tmp_path: Path)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["messages_ok"] > 100 and not summary["unexpected_errors"]
     assert summary["replays_rejected"] > 0 and summary["handshakes_failed"] > 0
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"), [("many", "not a number"), ("0", "must be > 0"), ("-5", "must be > 0")]
+)
+def test_a_bad_session_limit_is_one_line_and_exit_2(
+    tmp_path: Path, value: str, reason: str
+) -> None:
+    done = subprocess.run(
+        [str(BIN), "serve", "--port", str(free_port()), "--metrics-port", str(free_port()),
+         "--identity", str(tmp_path / "id.json")],
+        capture_output=True, text=True, timeout=30,
+        env={**_clean_env(), "SAGE_OTEL_SESSION_MAX_MESSAGES": value},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert "SAGE_OTEL_SESSION_MAX_MESSAGES" in done.stderr and reason in done.stderr
+
+
+async def test_the_server_ends_sessions_at_the_configured_message_limit(tmp_path: Path) -> None:
+    from sage_otel.agent.did import DIDDocument, DIDResolver, JsonFileRegistry, sign_registration
+    from sage_otel.agent.errors import PeerError
+    from sage_otel.agent.identity import AgentIdentity
+    from sage_otel.agent.session import SessionLimits, SessionManager
+    from sage_otel.agent.transport import ClientAgent
+
+    process, did, url, _ = _start(tmp_path, workers=1, SAGE_OTEL_SESSION_MAX_MESSAGES="6")
+    try:
+        registry = JsonFileRegistry(tmp_path / "registry.json")
+        identity = AgentIdentity.generate("solana")
+        document = DIDDocument.for_identity(identity)
+        await registry.register(document, sign_registration(identity, document))
+        # The client's own limit is far away: only the server's can end the session.
+        agent = ClientAgent(
+            identity, DIDResolver(registry), sessions=SessionManager(SessionLimits())
+        )
+        conn = await agent.connect(url, did)
+        sent = 0
+        with pytest.raises(PeerError) as ended:
+            while sent < 10:
+                await agent.send(conn, "hello")
+                sent += 1
+        assert ended.value.code == "session_expired"
+        assert sent == 3  # six messages: three requests and their three replies
+        await agent.aclose()
+    finally:
+        _stop(process)

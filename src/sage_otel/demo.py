@@ -155,16 +155,11 @@ class Demo:
 
     async def run(self) -> DemoStats:
         await self.setup()
-        if self.config.fast:
-            from .agent.transport import AiohttpSession
-
-            http: Any = AiohttpSession(limit=self.config.clients * 2 + 4)
-        else:
-            http = httpx.AsyncClient(
-                timeout=10.0, limits=httpx.Limits(max_connections=self.config.clients * 2 + 4)
-            )
-        workers = [asyncio.create_task(self._client(i, http)) for i in range(self.config.clients)]
-        workers.append(asyncio.create_task(self._rogues(http)))
+        # One HTTP client per agent, as separate agents have: each keeps its connection, so
+        # a server with several workers sees each agent's session on the worker that made it.
+        https = [self._http() for _ in range(self.config.clients + 1)]
+        workers = [asyncio.create_task(self._client(i, http)) for i, http in enumerate(https[:-1])]
+        workers.append(asyncio.create_task(self._rogues(https[-1])))
         try:
             if self.config.duration is None:
                 await self.stop.wait()
@@ -175,10 +170,18 @@ class Demo:
             self.stop.set()
             await asyncio.gather(*workers, return_exceptions=True)
             self.stats.finished = time.monotonic()
-            await http.aclose()
+            for http in https:
+                await http.aclose()
             if not self.config.server_url:
                 await self.server.stop()
         return self.stats
+
+    def _http(self) -> Any:
+        if self.config.fast:
+            from .agent.transport import AiohttpSession
+
+            return AiohttpSession(limit=1)
+        return httpx.AsyncClient(timeout=10.0, limits=httpx.Limits(max_connections=1))
 
     async def _pace(self, deadline: float) -> float:
         if self.config.rate <= 0:
@@ -396,6 +399,9 @@ def _start_server_process(config: DemoConfig) -> tuple[Any, str]:
          "--port", str(config.port or ports[0]), "--metrics-port", str(ports[1]),
          "--identity", str(workdir / "server-identity.json"), "--registry", registry],
         stdout=subprocess.PIPE, text=True,
+        # The server ends a session where the clients do (as in one process), so sessions a
+        # client stops using are not kept on the server until they go idle.
+        env={**os.environ, "SAGE_OTEL_SESSION_MAX_MESSAGES": str(config.session_max_messages)},
     )  # fmt: skip
     line = process.stdout.readline().split()
     fields = dict(part.split("=", 1) for part in line)

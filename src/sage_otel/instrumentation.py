@@ -46,8 +46,8 @@ from urllib.parse import urlsplit
 
 import wrapt
 from opentelemetry import context, propagate, trace
+from opentelemetry.instrumentation import utils as _instrumentation_utils
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import __version__
@@ -168,6 +168,24 @@ class _SpanScope:
             _log_once("span end")
 
 
+# The keys is_instrumentation_enabled() reads; it makes four calls per key on every patched
+# call (a few percent of a traced message round trip), this reads the context once.
+_SUPPRESS_KEYS = tuple(
+    getattr(_instrumentation_utils, name)
+    for name in ("_SUPPRESS_INSTRUMENTATION_KEY", "_SUPPRESS_INSTRUMENTATION_KEY_PLAIN")
+    if hasattr(_instrumentation_utils, name)
+)
+
+
+def _enabled() -> bool:
+    """``is_instrumentation_enabled()``, cheaper (tests/test_sdk_internals.py checks that the
+    two agree)."""
+    if len(_SUPPRESS_KEYS) != 2:  # a release that moved the keys: ask the library
+        return _instrumentation_utils.is_instrumentation_enabled()
+    current = context.get_current()
+    return not (current and (current.get(_SUPPRESS_KEYS[0]) or current.get(_SUPPRESS_KEYS[1])))
+
+
 _INVALID_SPAN = trace.INVALID_SPAN
 _NO_SPAN = contextlib.nullcontext(_INVALID_SPAN)
 
@@ -206,8 +224,7 @@ def _crypto_recorder(kit: _Kit, operation: str):
         kit.crypto_detail == "events" or (kit.crypto_detail == "handshake" and not per_message)
     )
 
-    def record(algorithm: str, elapsed: float, failed: bool, span: trace.Span) -> None:
-        exemplar = _exemplar(span)
+    def record(algorithm: str, elapsed: float, failed: bool, span: trace.Span, exemplar) -> None:
         ops[algorithm if algorithm in ops else OTHER].add(1, exemplar)
         duration.record(elapsed, exemplar)
         if failed:
@@ -235,22 +252,24 @@ def _wrap_crypto(kit: _Kit, operation: str, algorithm_of: Callable[..., str], on
             result = wrapped(*args, **kwargs)
         except (CryptoError, SignatureError):
             try:
-                record(algorithm, perf_counter() - start, True, kit.current_span())
+                span = kit.current_span()
+                record(algorithm, perf_counter() - start, True, span, _exemplar(span))
             except Exception:
                 _log_once(span_name)
             raise
         elapsed = perf_counter() - start
         try:
             span = kit.current_span()
-            record(algorithm, elapsed, False, span)
+            exemplar = _exemplar(span)  # once: it feeds every value this call records
+            record(algorithm, elapsed, False, span, exemplar)
             if on_success is not None:
-                on_success(elapsed, args, result, _exemplar(span))
+                on_success(elapsed, args, result, exemplar)
         except Exception:
             _log_once(span_name)
         return result
 
     def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return wrapped(*args, **kwargs)
         algorithm = algorithm_of(instance, args, kwargs)
         if not kit.crypto_spans:
@@ -315,7 +334,7 @@ def _wrap_session_create(kit: _Kit):
             active.add(1)
 
     def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return wrapped(*args, **kwargs)
         role = getattr(args[1] if len(args) > 1 else kwargs.get("role"), "value", "")
         attributes = {"sage.session.role": role}
@@ -351,7 +370,7 @@ def _wrap_session_end(kit: _Kit, how: str):
 
     def wrapper(wrapped, instance, args, kwargs):
         result = wrapped(*args, **kwargs)
-        if result and is_instrumentation_enabled():
+        if result and _enabled():
             _safely(record, args, kwargs)
         return result
 
@@ -378,7 +397,7 @@ def _wrap_resolve(kit: _Kit):
         durations[chain].record(elapsed, exemplar)
 
     async def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return await wrapped(*args, **kwargs)
         target = args[0] if args else kwargs.get("did")
         chain = _chain_of(target)
@@ -404,7 +423,7 @@ def _wrap_register(kit: _Kit):
         results[chain, "success" if ok else "failure"].add(1, _exemplar(span))
 
     async def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return await wrapped(*args, **kwargs)
         did_value = getattr(args[0] if args else kwargs.get("document"), "did", None)
         chain = _chain_of(did_value)
@@ -459,7 +478,7 @@ def _wrap_stage(kit: _Kit, stage: str, role: str | None):
             initiated.add(1, exemplar)
 
     def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return wrapped(*args, **kwargs)
         with kit.start(f"sage.handshake.{stage}") as span:
             start = perf_counter()
@@ -487,7 +506,7 @@ def _wrap_process(kit: _Kit):
         outcome(exc, span)
 
     async def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return await wrapped(*args, **kwargs)
         with kit.start("sage.handshake.process") as span:
             start = perf_counter()
@@ -521,7 +540,7 @@ def _wrap_connect(kit: _Kit):
     outcome = _outcome_recorder(kit)
 
     async def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return await wrapped(*args, **kwargs)
         try:
             base_url = args[0] if args else kwargs.get("base_url", "")
@@ -576,7 +595,7 @@ def _wrap_open(kit: _Kit):
         size.record(wire_size, exemplar)
 
     def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return wrapped(*args, **kwargs)
         payload = args[1] if len(args) > 1 else kwargs.get("payload")
         metadata = args[2] if len(args) > 2 else kwargs.get("metadata")
@@ -628,7 +647,7 @@ def _wrap_nonce_check(kit: _Kit):
 
     def wrapper(wrapped, instance, args, kwargs):
         result = wrapped(*args, **kwargs)
-        if is_instrumentation_enabled():
+        if _enabled():
             _safely(record, result.value)
         return result
 
@@ -642,7 +661,7 @@ def _span_around(kit: _Kit, kind: SpanKind, describe: Describe):
     """One span around an async exchange with the peer; ``describe`` names it from the call."""
 
     async def wrapper(wrapped, instance, args, kwargs):
-        if not is_instrumentation_enabled():
+        if not _enabled():
             return await wrapped(*args, **kwargs)
         try:
             name, attributes, parent = describe(args, kwargs)
@@ -678,7 +697,7 @@ def _wrap_post(kit: _Kit):
     """ClientAgent.post: W3C trace context into the request headers."""
 
     async def wrapper(wrapped, instance, args, kwargs):
-        if is_instrumentation_enabled():
+        if _enabled():
             try:
                 headers = dict(kwargs.get("headers") or {})
                 propagate.inject(headers)
@@ -739,7 +758,7 @@ def _wrap_refuse(kit: _Kit):
         refused.get(category, other).add(1, _exemplar(kit.current_span()))
 
     def wrapper(wrapped, instance, args, kwargs):
-        if is_instrumentation_enabled():
+        if _enabled():
             _safely(record, args[0] if args else kwargs.get("error"))
         return wrapped(*args, **kwargs)
 

@@ -7,6 +7,9 @@ Every worker builds the same agent from the environment:
 * ``SAGE_OTEL_REGISTRY``: a JSON-file DID registry shared by all workers and clients
   (without it, an in-memory registry that only suits a single process);
 * ``SAGE_OTEL_CHAIN``: the chain of a new identity (``solana`` or ``ethereum``);
+* ``SAGE_OTEL_SESSION_MAX_MESSAGES``, ``SAGE_OTEL_SESSION_MAX_AGE``,
+  ``SAGE_OTEL_SESSION_IDLE_TIMEOUT`` (seconds): the session limits, the reference's
+  (1000 messages, 1 h, 10 min) by default;
 * telemetry: the standard ``OTEL_*`` variables, and ``PROMETHEUS_MULTIPROC_DIR`` for several
   workers (:mod:`sage_otel.telemetry.multiprocess`): then ``GET /metrics`` on any worker
   reports all of them.
@@ -35,11 +38,35 @@ from typing import Any
 
 from .agent.did import DIDDocument, DIDResolver, InMemoryRegistry, JsonFileRegistry, Registry
 from .agent.identity import AgentIdentity, parse_chain
+from .agent.session import SessionLimits, SessionManager
 from .agent.transport import ServerAgent
 
 IDENTITY_ENV = "SAGE_OTEL_IDENTITY"
 REGISTRY_ENV = "SAGE_OTEL_REGISTRY"
 CHAIN_ENV = "SAGE_OTEL_CHAIN"
+SESSION_LIMIT_ENV = {
+    "max_messages": "SAGE_OTEL_SESSION_MAX_MESSAGES",
+    "max_age": "SAGE_OTEL_SESSION_MAX_AGE",
+    "idle_timeout": "SAGE_OTEL_SESSION_IDLE_TIMEOUT",
+}
+
+
+def session_limits() -> SessionLimits:
+    """The session limits from the environment; ValueError names a bad variable."""
+    limits: dict[str, float] = {}
+    for field_name, variable in SESSION_LIMIT_ENV.items():
+        text = os.environ.get(variable)
+        if not text:
+            continue
+        kind = int if field_name == "max_messages" else float
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"{variable}={text!r}: not a number") from None
+        if not value > 0:
+            raise ValueError(f"{variable}={text!r}: must be > 0")
+        limits[field_name] = value
+    return SessionLimits(**limits)
 
 
 class IdentityFileError(Exception):
@@ -106,7 +133,9 @@ def create_app() -> Any:
         service_name=os.environ.get("OTEL_SERVICE_NAME"), traces=otlp_configured("TRACES")
     )
     atexit.register(telemetry.shutdown)
-    agent = ServerAgent(identity, DIDResolver(_registry()))
+    agent = ServerAgent(
+        identity, DIDResolver(_registry()), sessions=SessionManager(session_limits())
+    )
 
     from .telemetry.multiprocess import multiprocess_dir, multiprocess_registry
 
@@ -193,8 +222,9 @@ def serve(
     import asyncio
 
     try:
+        session_limits()
         identity = load_identity(identity_path, chain)
-    except (IdentityFileError, OSError) as error:
+    except (IdentityFileError, OSError, ValueError) as error:
         print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
         return 2
     for what, h, p in (("agent", host, port), ("metrics", metrics_host, metrics_port)):
