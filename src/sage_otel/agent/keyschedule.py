@@ -12,7 +12,6 @@ import hmac as _std_hmac
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -81,10 +80,7 @@ def session_id(seed: bytes) -> str:
 
 
 def _hmac_sha256(key: bytes, *parts: bytes) -> bytes:
-    h = _hmac.HMAC(key, hashes.SHA256())
-    for part in parts:
-        h.update(part)
-    return h.finalize()
+    return _std_hmac.digest(key, b"".join(parts), "sha256")
 
 
 def expand_label(key: bytes, info: bytes, n: int) -> bytes:
