@@ -37,12 +37,12 @@ dashboards: $(STAMP)
 metrics-docs: $(STAMP)
 	$(BIN)/python -m tools.metrics_docs --write
 
-# docs/images/: the demo with its injected failures against Prometheus and Jaeger v2 for
-# PICTURES_SECONDS, then the dashboards, an exemplar's trace and an alert drawn from what
-# they stored, and the architecture from docs/images/architecture.dot (tools/pictures.py).
-PICTURES_SECONDS ?= 150
+# docs/images/: the demo with its injected failures against a server agent, Prometheus and
+# Jaeger v2 for 7 minutes (PICTURES_ARGS="--seconds N" to change), then the overview
+# dashboard, an exemplar's trace and an alert drawn from what they stored, and the
+# architecture from docs/images/architecture.dot (tools/pictures.py).
 pictures: $(STAMP) jaeger prometheus graphviz
-	$(BIN)/python -m tools.pictures --seconds $(PICTURES_SECONDS) --out docs/images
+	$(BIN)/python -m tools.pictures --out docs/images $(PICTURES_ARGS)
 
 # End-to-end prerequisites, cached outside the repo (see scripts/): the collector
 # distribution and Jaeger v2 built with Go, Prometheus from Debian's package.

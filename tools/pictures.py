@@ -1,6 +1,6 @@
 """The documentation's pictures, drawn from a live run: ``make pictures``.
 
-``python -m tools.pictures --seconds 150 --out docs/images`` starts, on loopback ports:
+``python -m tools.pictures --out docs/images`` starts, on loopback ports:
 
 * Jaeger v2 (the trace backend of the end-to-end tests, standing in for Tempo) and
   Prometheus with exemplar storage, scraping both agents every second and evaluating the
@@ -11,7 +11,9 @@
   failing traffic (service ``sage-clients``). Both export spans over OTLP to Jaeger; the
   trace context travels in ``traceparent``, so a message is one trace across two processes.
 
-After ``--seconds`` of traffic it draws, from what Prometheus and Jaeger stored:
+After ``--seconds`` of traffic (by default 7 minutes: the dashboards' 5-minute rate windows
+fill up, and the overview and heatmap show the last 2 minutes, the alert the first 150 s)
+it draws, from what Prometheus and Jaeger stored:
 
 * ``overview.png``: every panel of the SAGE Overview dashboard
   (``collector/grafana/dashboards/sage-overview.json``) in the dashboard's own grid, each
@@ -220,6 +222,33 @@ def _run_demo(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _wait_for_restored_rules(prometheus: services.Prometheus) -> None:
+    """Wait until every rule group has been evaluated twice.
+
+    Prometheus writes no ALERTS samples until it has restored the alerts' ``for`` state,
+    which it does after a group's second evaluation: an alert going active before that
+    would show in ALERTS late, its pending time cut short.
+    """
+
+    def evaluations() -> dict[str, str]:
+        groups = prometheus.api("rules")["groups"]
+        return {g["name"]: g.get("lastEvaluation", "") for g in groups}
+
+    def evaluated_once() -> dict[str, str]:
+        seen = evaluations()
+        # A group not evaluated yet reports Go's zero time, 0001-01-01T00:00:00Z.
+        return seen if seen and not any(v.startswith("0001") for v in seen.values()) else {}
+
+    first = services.wait_for(evaluated_once, timeout=60, what="the rule groups' evaluation")
+    services.wait_for(
+        lambda: all(evaluations()[name] != when for name, when in first.items()),
+        timeout=60,
+        interval=0.2,
+        what="the rule groups' second evaluation",
+    )
+    time.sleep(0.5)  # the restore runs right after the second evaluation
+
+
 @contextlib.contextmanager
 def live_run(workdir: Path, seconds: float) -> Iterator[Run]:
     """Jaeger, Prometheus, a server agent and the demo's clients for ``seconds``; the
@@ -247,6 +276,7 @@ def live_run(workdir: Path, seconds: float) -> Iterator[Run]:
         with services.prometheus(
             workdir, targets, remote_write=False, rule_files=rule_files
         ) as prometheus:
+            _wait_for_restored_rules(prometheus)
             start = time.time()
             summary = _run_demo(workdir, jaeger, server, client_metrics_port, seconds)
             end = time.time()
@@ -459,8 +489,8 @@ def _draw_panel(ax: Any, item: Mapping[str, Any], run: Run, window: Window) -> P
         ax.set_ylim(bottom=defaults["min"] * scale)
     if defaults.get("max") is not None:
         ax.set_ylim(top=defaults["max"] * scale)
-    elif values and max(values) == min(values):
-        ax.set_ylim(top=max(values) * 1.25 or 1)  # a flat line, not at the frame's edge
+    elif values:
+        ax.set_ylim(top=max(values) * 1.2 or 1)  # a steady line, not on the frame's edge
     ax.set_xlim(_dates([window.start, window.end]))
     ax.set_title(item["title"], loc="left", fontsize=10.5, fontweight="bold")
     ax.set_ylabel(label, fontsize=8.5)
@@ -779,17 +809,19 @@ def draw_alert(run: Run, path: Path, alert: str = ALERT) -> AlertData:
     top.set_ylabel("replays refused\nin the last 5 min", fontsize=8.5)
     top.set_ylim(bottom=0)
     if series:
-        top.legend(loc="upper left", fontsize=8, title="instance", title_fontsize=8)
-    for state, when in sorted(first.items(), key=lambda pair: pair[1]):
+        top.legend(loc="lower right", fontsize=8, title="instance", title_fontsize=8)
+    for state, when in first.items():
         for ax in (top, bottom):
             ax.axvline(_dates([when])[0], color=STATE_COLORS.get(state, "gray"),
                        linestyle="--", linewidth=1)  # fmt: skip
+        before = state == "pending"  # pending's label left of its line, firing's right
         top.annotate(
             f"{state} at +{when - run.start:.0f} s",
             (_dates([when])[0], 1),
             xycoords=("data", "axes fraction"),
-            xytext=(4, -12),
+            xytext=(-4 if before else 4, -12),
             textcoords="offset points",
+            ha="right" if before else "left",
             fontsize=8.5,
             color=STATE_COLORS.get(state, "gray"),
             fontweight="bold",
@@ -860,7 +892,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tools.pictures",
         description="Draw docs/images/*.png from a live run of the demo (make pictures).",
     )
-    parser.add_argument("--seconds", type=float, default=150, help="demo traffic (default 150)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=DEFAULT_SECONDS,
+        help=f"demo traffic (default {DEFAULT_SECONDS}: the 5m rate windows filled, then "
+        f"{STEADY_SECONDS}s to draw)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default: {DEFAULT_OUT}")
     args = parser.parse_args(argv)
     try:
