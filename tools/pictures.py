@@ -59,6 +59,8 @@ import yaml
 from matplotlib.colors import PowerNorm
 from PIL import Image
 
+from sage_otel.demo import DemoConfig
+
 from . import services
 from .dashboards import iter_panels, substitute_defaults
 
@@ -168,6 +170,9 @@ def _agent_env(jaeger: services.Jaeger, service: str) -> dict[str, str]:
     return env
 
 
+_DEMO_LIMIT = {"SAGE_OTEL_SESSION_MAX_MESSAGES": str(DemoConfig.session_max_messages)}
+
+
 @contextlib.contextmanager
 def _server_agent(workdir: Path, jaeger: services.Jaeger) -> Iterator[dict[str, str]]:
     """``sage-otel serve`` with a JSON-file registry; yields its first line's fields."""
@@ -182,7 +187,10 @@ def _server_agent(workdir: Path, jaeger: services.Jaeger) -> Iterator[dict[str, 
                 "--identity", str(workdir / "server-identity.json"),
                 "--registry", str(workdir / "registry.json"),
             ],
-            env=_agent_env(jaeger, SERVER_SERVICE), cwd=workdir, stdin=subprocess.DEVNULL,
+            # The demo clients' session limit, as `sage-otel demo` gives a server it starts:
+            # sessions a client has finished end on the server too.
+            env={**_agent_env(jaeger, SERVER_SERVICE), **_DEMO_LIMIT},
+            cwd=workdir, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
         )  # fmt: skip
         try:
