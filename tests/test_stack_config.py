@@ -540,3 +540,210 @@ def test_dashboard_provider_reads_the_mounted_dashboards(
     if home:
         shown = repo_path_in(grafana, PurePosixPath(home))
         assert shown is not None and shown.is_file(), f"home dashboard {home} is not mounted"
+
+
+# --- the scale-out stack (collector/docker-compose.scale.yaml, docs/scaling.md) -------------
+
+SCALE_COMPOSE = COLLECTOR / "docker-compose.scale.yaml"
+AGENT_TIER = COLLECTOR / "tiers" / "agent.yaml"
+GATEWAY_TIER = COLLECTOR / "tiers" / "gateway.yaml"
+SCALE_TEMPO = COLLECTOR / "tiers" / "tempo.yaml"
+HASHRING = COLLECTOR / "tiers" / "thanos" / "hashring.json"
+THANOS_IMAGE = "quay.io/thanos/thanos"
+INGESTERS = {"thanos-receive-1", "thanos-receive-2", "thanos-receive-3"}
+
+
+def built(script: str, what: str) -> str:
+    """A binary the e2e prerequisites build (the script's --check mode builds nothing)."""
+    result = run(["bash", str(REPO / "scripts" / script), "--check"], timeout=60)
+    paths = result.stdout.split()
+    if result.returncode != 0 or not paths:
+        missing(f"{what} is not built ({result.stderr.strip()}); `make e2e-prereqs` builds it")
+    return paths[0]
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value of ``--name=value`` in a command line (the only one)."""
+    values = [arg.split("=", 1)[1] for arg in args if arg.startswith(f"--{name}=")]
+    assert len(values) == 1, f"--{name}: {values}"
+    return values[0]
+
+
+@pytest.fixture(scope="module")
+def scale() -> dict[str, dict[str, Any]]:
+    return load(SCALE_COMPOSE)["services"]
+
+
+def test_scale_compose_file_is_valid(docker_compose: str) -> None:
+    result = run([docker_compose, "-f", str(SCALE_COMPOSE), "config", "-q"])
+    assert result.returncode == 0, result.stderr or result.stdout
+
+
+@pytest.mark.parametrize("config", [AGENT_TIER, GATEWAY_TIER], ids=lambda p: p.stem)
+def test_tier_configs_validate_with_the_built_collector(config: Path) -> None:
+    collector = built("build-collector.sh", "sage-otelcol")
+    result = run([collector, "validate", f"--config={config}"])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tier_validation_means_something(tmp_path: Path) -> None:
+    """The check above rejects a setting the tail sampler does not have. (It does not parse
+    the policies' OTTL: tests/e2e/test_scale.py runs the gateways, which do.)"""
+    collector = built("build-collector.sh", "sage-otelcol")
+    config = load(GATEWAY_TIER)
+    config["processors"]["tail_sampling"]["no_such_setting"] = 1
+    bad = tmp_path / "gateway.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = run([collector, "validate", f"--config={bad}"])
+    assert result.returncode != 0
+    assert "no_such_setting" in result.stdout + result.stderr
+
+
+def test_thanos_accepts_the_alert_rules() -> None:
+    """thanos rule evaluates the project's rule files unchanged in the scale-out stack."""
+    thanos = built("build-thanos.sh", "thanos")
+    rules = sorted(str(path) for path in (COLLECTOR / "prometheus" / "alerts").glob("*.yml"))
+    assert rules
+    result = run([thanos, "tools", "rules-check", *[f"--rules={path}" for path in rules]])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_scale_images_are_pinned_at_the_manifest_and_thanos_releases(
+    scale: dict[str, dict[str, Any]],
+) -> None:
+    release = str(load(BUILDER_CONFIG)["dist"]["version"])
+    thanos_version = re.search(
+        r"THANOS_VERSION:-(v[0-9.]+)", (REPO / "scripts" / "build-thanos.sh").read_text()
+    )
+    assert thanos_version
+    for name, service in scale.items():
+        repo, tag = image_parts(service["image"])
+        assert tag and tag != "latest" and re.search(r"\d", tag), f"{name}: {service['image']}"
+        if repo == COLLECTOR_IMAGE:
+            assert tag == release, name
+        if repo == THANOS_IMAGE:
+            assert tag == thanos_version.group(1), name
+
+
+def test_scale_bind_mounts_exist(scale: dict[str, dict[str, Any]]) -> None:
+    for name, service in scale.items():
+        for target, source in bind_mounts(service).items():
+            assert source.exists(), f"{name}: {source} (mounted at {target}) does not exist"
+
+
+def test_agent_collectors_route_to_the_gateways_and_write_to_the_router(
+    scale: dict[str, dict[str, Any]],
+) -> None:
+    variables = set(re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)", AGENT_TIER.read_text()))
+    gateways = {name for name, s in scale.items() if "gateway.yaml" in str(s.get("volumes"))}
+    agents = {name for name, s in scale.items() if "agent.yaml" in str(s.get("volumes"))}
+    assert len(gateways) >= 2 and len(agents) >= 2
+    for name in agents:
+        service = scale[name]
+        assert repo_path_in(service, PurePosixPath("/etc/otelcol-contrib/config.yaml")) == (
+            AGENT_TIER
+        )
+        env = {key: str(value) for key, value in service["environment"].items()}
+        assert set(env) <= variables, f"{name}: {set(env) - variables}"
+        endpoints = yaml.safe_load(env["GATEWAY_ENDPOINTS"])
+        assert {host_port(e)[0] for e in endpoints} == gateways, name
+        for endpoint in endpoints:
+            gateway_env = scale[host_port(endpoint)[0]]["environment"]
+            assert host_port(gateway_env["OTLP_GRPC_ENDPOINT"])[1] == host_port(endpoint)[1]
+        url = urlsplit(env["REMOTE_WRITE_URL"])
+        router = scale[url.hostname]["command"]
+        assert url.path == "/api/v1/receive"
+        assert host_port(flag(router, "remote-write.address"))[1] == url.port
+
+
+def test_gateway_policies_keep_what_the_plan_needs() -> None:
+    tail = load(GATEWAY_TIER)["processors"]["tail_sampling"]
+    policies = {policy["name"]: policy for policy in tail["policies"]}
+    assert policies["sage-error"]["status_code"]["status_codes"] == ["ERROR"]
+    replay = " ".join(policies["sage-replay"]["ottl_condition"]["span"])
+    assert {"replay_detected", "handshake_replay", "peer_replay"} <= set(
+        re.findall(r'== "([a-z_]+)"', replay)
+    )
+    signature = " ".join(policies["sage-signature-failure"]["ottl_condition"]["span"])
+    assert {"bad_signature", "digest_mismatch", "peer_signature"} <= set(
+        re.findall(r'== "([a-z_]+)"', signature)
+    )
+    assert "sage.handshake" in policies["slow-handshake"]["ottl_condition"]["span"][0]
+    assert policies["baseline"]["type"] == "probabilistic"
+    # A stopping gateway decides what it holds rather than dropping it.
+    assert tail["drop_pending_traces_on_shutdown"] is False
+    # Tail sampling runs on whole traces: nothing before it may drop or split spans.
+    pipeline = load(GATEWAY_TIER)["service"]["pipelines"]["traces"]["processors"]
+    assert pipeline.index("tail_sampling") < pipeline.index("batch")
+
+
+def test_the_agent_queue_is_bounded_and_retries() -> None:
+    otlp = load(AGENT_TIER)["exporters"]["load_balancing"]["protocol"]["otlp"]
+    queue = otlp["sending_queue"]
+    assert queue["enabled"] is True and queue["sizer"] == "items"
+    assert re.fullmatch(r"\$\{env:GATEWAY_QUEUE_SPANS:-\d+\}", str(queue["queue_size"]))
+    assert otlp["retry_on_failure"]["enabled"] is True
+
+
+def test_thanos_hashring_query_and_replication_agree(scale: dict[str, dict[str, Any]]) -> None:
+    rings = json.loads(HASHRING.read_text())
+    assert len(rings) == 1
+    endpoints = rings[0]["endpoints"]
+    assert {host_port(e)[0] for e in endpoints} == INGESTERS
+    replicas = set()
+    for name in INGESTERS:
+        command = scale[name]["command"]
+        grpc_port = host_port(flag(command, "grpc-address"))[1]
+        assert f"{name}:{grpc_port}" in endpoints
+        replicas.add(flag(command, "label"))
+        assert "--receive.hashrings-file" not in " ".join(command)  # ingesters only
+    assert len(replicas) == len(INGESTERS), "each ingester needs its own replica label"
+    router = scale["thanos-router"]["command"]
+    assert int(flag(router, "receive.replication-factor")) == len(INGESTERS)
+    mounted = repo_path_in(
+        scale["thanos-router"], PurePosixPath(flag(router, "receive.hashrings-file"))
+    )
+    assert mounted == HASHRING
+    query = scale["thanos-query"]["command"]
+    assert sorted(a.split("=", 1)[1] for a in query if a.startswith("--endpoint=")) == sorted(
+        endpoints
+    )
+    assert flag(query, "query.replica-label") == "receive_replica"
+    assert all(label.startswith("receive_replica=") for label in replicas)
+    assert "--query.partial-response" in query
+
+
+def test_grafana_and_the_rules_read_thanos_unchanged(scale: dict[str, dict[str, Any]]) -> None:
+    """The provisioned `prometheus` data source (http://prometheus:9090) is Thanos query."""
+    query = scale["thanos-query"]
+    assert "prometheus" in query["networks"]["default"]["aliases"]
+    assert host_port(flag(query["command"], "http-address"))[1] == 9090
+    datasource = urlsplit(load(DATASOURCES)["datasources"][0]["url"])
+    assert (datasource.hostname, datasource.port) == ("prometheus", 9090)
+    grafana = scale["grafana"]
+    assert repo_path_in(grafana, GRAFANA_PROVISIONING / "datasources" / DATASOURCES.name) == (
+        DATASOURCES
+    )
+    rule = scale["thanos-rule"]["command"]
+    rule_dir = PurePosixPath(flag(rule, "rule-file")).parent
+    assert repo_path_in(scale["thanos-rule"], rule_dir) == COLLECTOR / "prometheus" / "alerts"
+    assert flag(rule, "query").split(":")[0] == "thanos-query"
+    assert urlsplit(flag(rule, "alertmanagers.url")).hostname == "alertmanager"
+
+
+def test_scale_tempo_writes_generated_metrics_to_the_router(
+    scale: dict[str, dict[str, Any]],
+) -> None:
+    tempo = load(SCALE_TEMPO)
+    service = scale["tempo"]
+    config_flag = next(arg for arg in service["command"] if arg.startswith("-config.file="))
+    assert repo_path_in(service, PurePosixPath(config_flag.split("=", 1)[1])) == SCALE_TEMPO
+    for write in tempo["metrics_generator"]["storage"]["remote_write"]:
+        url = urlsplit(write["url"])
+        assert (url.hostname, url.path) == ("thanos-router", "/api/v1/receive")
+    # Everything else is the base stack's Tempo configuration.
+    base = load(TEMPO_CONFIG)
+    for config in (base, tempo):
+        config["metrics_generator"]["storage"].pop("remote_write")
+        config["metrics_generator"]["registry"]["external_labels"].pop("cluster")
+    assert tempo == base

@@ -41,6 +41,7 @@ _LOCATORS = {
     "prometheus": ("ensure-prometheus.sh", 0),
     "promtool": ("ensure-prometheus.sh", 1),
     "dot": ("ensure-graphviz.sh", 0),
+    "thanos": ("build-thanos.sh", 0),
 }
 
 
