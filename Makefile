@@ -5,7 +5,8 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
 .PHONY: demo test lint install clean bench collector jaeger prometheus validators e2e-prereqs \
-	dashboards metrics-docs lowest-deps fuzz soak bench-backend bench-http bench-memory graphviz pictures
+	dashboards metrics-docs lowest-deps fuzz soak bench-backend bench-http bench-memory graphviz pictures \
+	thanos bench-scale
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,7 +46,7 @@ pictures: $(STAMP) jaeger prometheus graphviz
 	$(BIN)/python -m tools.pictures --out docs/images $(PICTURES_ARGS)
 
 # End-to-end prerequisites, cached outside the repo (see scripts/): the collector
-# distribution and Jaeger v2 built with Go, Prometheus from Debian's package.
+# distribution, Jaeger v2 and Thanos built with Go, Prometheus from Debian's package.
 collector:
 	@bash scripts/build-collector.sh
 
@@ -61,7 +62,11 @@ validators:
 graphviz:
 	@bash scripts/ensure-graphviz.sh
 
-e2e-prereqs: collector jaeger prometheus validators graphviz
+# Thanos (receive and query), the replicated metrics store of the scale-out tiers.
+thanos:
+	@bash scripts/build-thanos.sh
+
+e2e-prereqs: collector jaeger prometheus validators graphviz thanos
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
@@ -98,3 +103,8 @@ bench-memory: $(STAMP)
 # Throughput and shutdown with the OTLP backend healthy, refused or a black hole (performance.md).
 bench-backend: $(STAMP)
 	$(BIN)/python -m benchmarks.backend_down --rounds 3 --seconds 8
+
+# The agent's cost of tail sampling (every span exported) beside head sampling at the same
+# share (docs/performance.md, docs/scaling.md).
+bench-scale: $(STAMP)
+	$(BIN)/python -m benchmarks.tail_vs_head --rounds 5
