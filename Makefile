@@ -107,4 +107,4 @@ bench-backend: $(STAMP)
 # The agent's cost of tail sampling (every span exported) beside head sampling at the same
 # share (docs/performance.md, docs/scaling.md).
 bench-scale: $(STAMP)
-	$(BIN)/python -m benchmarks.tail_vs_head --rounds 5
+	$(BIN)/python -m benchmarks.tail_vs_head --rounds 9
