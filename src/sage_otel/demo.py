@@ -372,12 +372,16 @@ def _start_telemetry(config: DemoConfig):
     """Telemetry of the demo's own (not under --no-telemetry): /metrics, OTLP if configured."""
     if not config.telemetry:
         return None
-    from .telemetry.setup import configure
+    from .telemetry.setup import configure, otlp_configured
 
     return configure(
         service_name=None if os.environ.get("OTEL_SERVICE_NAME") else "sage-otel-demo",
         metrics_port=config.metrics_port,
         metrics_host=config.metrics_host,
+        # On the fast path, spans only when something exports them (as `sage-otel serve`):
+        # an exemplar must lead to a stored trace, and an unexported span is pure cost on
+        # every message. In one process, spans always: its /metrics shows every exemplar.
+        traces=not config.fast or otlp_configured("TRACES"),
     )
 
 
