@@ -73,12 +73,14 @@ clean:
 
 # Everything docs/performance.md reports, each as ratios within its own run: telemetry in
 # process (writes the "Latest run" section), handshakes against their crypto floor, the HTTP
-# path against a bare echo, and /metrics at 10,000 sessions and 1M messages. About 12 minutes.
+# path against a bare echo, /metrics at 10,000 sessions and 1M messages, and the demo
+# unthrottled with telemetry on and off. About 12 minutes.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run --write docs/performance.md
 	$(BIN)/python -m benchmarks.handshakes --rounds 3
 	$(BIN)/python -m benchmarks.http_path --rounds 3 --seconds 5
 	$(BIN)/python -m benchmarks.scrape --sessions 10000 --messages 1000000
+	$(BIN)/python -m benchmarks.demo_rate --rounds 3
 
 # A coverage-guided fuzz campaign on every parser and the HTTP endpoint (docs/security.md);
 # `make test` runs a short, fixed-budget one. FUZZ_RUNS executions per target.
@@ -98,7 +100,7 @@ bench-http: $(STAMP)
 
 # RSS of an unthrottled `sage-otel demo` and its server process: growth after warm-up.
 bench-memory: $(STAMP)
-	$(BIN)/python -m benchmarks.memory --minutes 10 --warmup 5 --out /tmp/sage-otel-memory.json -- --clients 8
+	$(BIN)/python -m benchmarks.memory --minutes 10 --warmup 2 --out /tmp/sage-otel-memory.json -- --clients 8
 
 # Throughput and shutdown with the OTLP backend healthy, refused or a black hole (performance.md).
 bench-backend: $(STAMP)
