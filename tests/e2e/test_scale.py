@@ -806,6 +806,8 @@ def test_capacity_figures(settled_metrics: Run, traces) -> None:
         "bytes_per_sample_agent_to_store": round(bytes_per_sample, 2),
         "traces_sent": len(truth),
         "traces_kept": len(kept),
+        "traces_must_keep": sum(1 for trace in truth.values() if reasons(trace)),
+        "traces_spanning_two_agents": sum(1 for trace in truth.values() if len(trace.services) > 1),
         "spans_sent": sum(len(t.spans) for t in truth.values()),
         "spans_kept": sum(len(t.spans) for t in kept.values()),
         "traffic_seconds": round(run.traffic[1] - run.traffic[0], 1),
