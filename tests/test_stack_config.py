@@ -711,6 +711,7 @@ def test_thanos_hashring_query_and_replication_agree(scale: dict[str, dict[str, 
     assert flag(query, "query.replica-label") == "receive_replica"
     assert all(label.startswith("receive_replica=") for label in replicas)
     assert "--query.partial-response" in query
+    assert flag(query, "deduplication.func") == "chain"
 
 
 def test_grafana_and_the_rules_read_thanos_unchanged(scale: dict[str, dict[str, Any]]) -> None:

@@ -179,6 +179,10 @@ def thanos_query(
         f"--http-address={http}",
         f"--grpc-address={loopback()}",
         "--query.replica-label=receive_replica",
+        # Replicas written by the receive routers carry identical samples: merge them one
+        # for one. (The default, penalty, is for HA Prometheus pairs scraping at different
+        # instants; when it switches replicas at a gap it can skip samples.)
+        "--deduplication.func=chain",
         # One ingester down must not fail a query: its two replicas answer for it.
         "--query.partial-response",
         *[f"--endpoint={store}" for store in stores],
