@@ -181,7 +181,7 @@ def thanos_query(
         "--query.replica-label=receive_replica",
         # Replicas written by the receive routers carry identical samples: merge them one
         # for one. (The default, penalty, is for HA Prometheus pairs scraping at different
-        # instants; when it switches replicas at a gap it can skip samples.)
+        # instants.)
         "--deduplication.func=chain",
         # One ingester down must not fail a query: its two replicas answer for it.
         "--query.partial-response",
