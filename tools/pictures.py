@@ -822,14 +822,14 @@ def draw_alert(run: Run, path: Path, alert: str = ALERT) -> AlertData:
         for ax in (top, bottom):
             ax.axvline(_dates([when])[0], color=STATE_COLORS.get(state, "gray"),
                        linestyle="--", linewidth=1)  # fmt: skip
-        before = state == "pending"  # pending's label left of its line, firing's right
+        lower = state != "pending"  # both labels right of their lines, firing's lower
         top.annotate(
             f"{state} at +{when - run.start:.0f} s",
             (_dates([when])[0], 1),
             xycoords=("data", "axes fraction"),
-            xytext=(-4 if before else 4, -12),
+            xytext=(4, -26 if lower else -12),
             textcoords="offset points",
-            ha="right" if before else "left",
+            ha="left",
             fontsize=8.5,
             color=STATE_COLORS.get(state, "gray"),
             fontweight="bold",
