@@ -210,6 +210,17 @@ def test_instance_id_is_fresh_per_configuration(configure: ConfigureFn) -> None:
     assert configure().resource.attributes["service.instance.id"] != first_id
 
 
+def test_the_environment_names_the_instance_and_version(
+    configure: ConfigureFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=agent-7,service.version=2.0.1"
+    )
+    attributes = configure().resource.attributes
+    assert attributes["service.instance.id"] == "agent-7"
+    assert attributes["service.version"] == "2.0.1"
+
+
 def test_otel_service_name(configure: ConfigureFn, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "billing-agent")
     assert configure().resource.attributes["service.name"] == "billing-agent"

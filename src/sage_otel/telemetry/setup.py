@@ -33,7 +33,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import MeterProvider as ApiMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanProcessor
 from opentelemetry.sdk.trace.sampling import Sampler
@@ -187,9 +187,11 @@ def build_resource(
     Precedence: ``service_name`` and ``attributes``, then ``OTEL_SERVICE_NAME``, then
     ``OTEL_RESOURCE_ATTRIBUTES``, then sage-otel's defaults.
     """
-    resource = Resource.create(
-        {"service.version": __version__, "service.instance.id": str(uuid.uuid4())}
-    )
+    defaults = {"service.version": __version__, "service.instance.id": str(uuid.uuid4())}
+    # The defaults fill in only what OTEL_RESOURCE_ATTRIBUTES leaves out: an operator's own
+    # service.instance.id (e.g. a pod name) is what their series are labelled with.
+    from_env = OTELResourceDetector().detect().attributes
+    resource = Resource.create({k: v for k, v in defaults.items() if k not in from_env})
     named = resource.attributes.get("service.name", "")
     if service_name:
         resource = resource.merge(Resource({"service.name": service_name}))
