@@ -661,7 +661,7 @@ def _span_around(kit: _Kit, kind: SpanKind, describe: Describe):
     """One span around an async exchange with the peer; ``describe`` names it from the call."""
 
     async def wrapper(wrapped, instance, args, kwargs):
-        if not _enabled():
+        if not kit.tracing or not _enabled():  # no span to name: skip describing it
             return await wrapped(*args, **kwargs)
         try:
             name, attributes, parent = describe(args, kwargs)
@@ -697,7 +697,8 @@ def _wrap_post(kit: _Kit):
     """ClientAgent.post: W3C trace context into the request headers."""
 
     async def wrapper(wrapped, instance, args, kwargs):
-        if _enabled():
+        # An empty context (no span, no baggage: tracing off) has nothing to inject.
+        if context.get_current() and _enabled():
             try:
                 headers = dict(kwargs.get("headers") or {})
                 propagate.inject(headers)
