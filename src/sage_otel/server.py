@@ -12,7 +12,8 @@ Every worker builds the same agent from the environment:
   (1000 messages, 1 h, 10 min) by default;
 * telemetry: the standard ``OTEL_*`` variables, and ``PROMETHEUS_MULTIPROC_DIR`` for several
   workers (:mod:`sage_otel.telemetry.multiprocess`): then ``GET /metrics`` on any worker
-  reports all of them.
+  reports all of them. ``sage-otel serve --workers 1`` needs no shared files: it serves
+  /metrics from the one process's own store, exemplars included.
 
 ``uvicorn --factory sage_otel.server:create_app --workers N`` and
 ``gunicorn -k uvicorn.workers.UvicornWorker -w N "sage_otel.server:create_app()"`` both work;
@@ -114,24 +115,32 @@ def _registry() -> Registry:
     return JsonFileRegistry(path) if path else InMemoryRegistry()
 
 
+def _telemetry(**metrics: Any) -> Any:
+    """This process's telemetry; a second call returns the first one's.
+
+    Spans only when something exports them: an exemplar must lead to a stored trace, and an
+    unexported span is pure cost on every message."""
+    import sage_otel
+
+    from .telemetry.setup import otlp_configured
+
+    return sage_otel.configure(
+        service_name=os.environ.get("OTEL_SERVICE_NAME"),
+        traces=otlp_configured("TRACES"),
+        **metrics,
+    )
+
+
 def create_app() -> Any:
     """The ASGI app of one worker: the SAGE server agent, its telemetry, ``GET /metrics``."""
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
 
-    import sage_otel
-
     identity = load_identity(
         os.environ.get(IDENTITY_ENV) or "sage-identity.json", os.environ.get(CHAIN_ENV, "solana")
     )
-    from .telemetry.setup import otlp_configured
-
-    # Spans only when something exports them: a worker's /metrics carries no exemplars
-    # (multiprocess mode), so an unexported span would be pure cost on every message.
-    telemetry = sage_otel.configure(
-        service_name=os.environ.get("OTEL_SERVICE_NAME"), traces=otlp_configured("TRACES")
-    )
+    telemetry = _telemetry()  # under `sage-otel serve --workers 1`: the one it set up
     atexit.register(telemetry.shutdown)
     agent = ServerAgent(
         identity, DIDResolver(_registry()), sessions=SessionManager(session_limits())
@@ -238,20 +247,29 @@ def serve(
     if registry_path:
         os.environ[REGISTRY_ENV] = str(Path(registry_path).resolve())
         asyncio.run(_register(identity, url))
-    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not shared:
-        shared = tempfile.mkdtemp(prefix="sage-otel-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
     os.environ.pop("OTEL_EXPORTER_PROMETHEUS_PORT", None)  # workers never bind a metrics port
-
     from .telemetry.multiprocess import multiprocess_registry
+    from .telemetry.setup import sdk_disabled
     from .telemetry.web import WEB_CONFIG_ENV, WebConfigError, start_metrics_server
 
     web_config = os.environ.get(WEB_CONFIG_ENV) or None
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     try:
-        metrics_server, _thread = start_metrics_server(
-            metrics_port, metrics_host, multiprocess_registry(shared), web_config
-        )
+        if workers == 1 and not shared and not sdk_disabled():
+            # One process: /metrics straight from its in-process store (exemplars included,
+            # no per-value file writes); uvicorn runs the app here and create_app() finds
+            # this telemetry already set up.
+            telemetry = _telemetry(
+                metrics_host=metrics_host, metrics_port=metrics_port, metrics_web_config=web_config
+            )
+            metrics_server = telemetry._server
+        else:
+            if not shared:
+                shared = tempfile.mkdtemp(prefix="sage-otel-metrics-")
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+            metrics_server, _thread = start_metrics_server(
+                metrics_port, metrics_host, multiprocess_registry(shared), web_config
+            )
     except (OSError, WebConfigError) as error:
         print(f"sage-otel serve: cannot start: metrics: {error}", file=sys.stderr)
         return 2
