@@ -309,3 +309,28 @@ async def test_the_server_ends_sessions_at_the_configured_message_limit(tmp_path
         await agent.aclose()
     finally:
         _stop(process)
+
+
+def test_one_worker_serves_its_own_store_with_exemplars(tmp_path: Path) -> None:
+    """--workers 1: /metrics from the process's own store, exact, with exemplars that link
+    to the spans it exports (here to a port nothing listens on: traces are on)."""
+    process, did, url, metrics = _start(
+        tmp_path,
+        workers=1,
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{free_port()}/v1/traces",
+        SAGE_OTEL_SESSION_MAX_MESSAGES="100",
+    )
+    try:
+        run = _demo(tmp_path, did, url, seconds=2.0)
+        _type, text = fetch(metrics)
+        processed = sum(
+            _metric(text, "sage_messages_processed_total", status="success", type=t)
+            for t in ("text", "binary")
+        )
+        assert processed == run["messages_ok"] + run["sessions_closed"]
+        content_type, open_metrics = fetch(metrics, accept="application/openmetrics-text")
+        assert content_type.startswith("application/openmetrics-text")
+        exemplars = [line for line in open_metrics.splitlines() if " # {" in line]
+        assert any(line.startswith("sage_") and "trace_id=" in line for line in exemplars)
+    finally:
+        _stop(process)
