@@ -80,7 +80,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.handshakes --rounds 3
 	$(BIN)/python -m benchmarks.http_path --rounds 3 --seconds 5
 	$(BIN)/python -m benchmarks.scrape --sessions 10000 --messages 1000000
-	$(BIN)/python -m benchmarks.demo_rate --rounds 3
+	$(BIN)/python -m benchmarks.demo_rate --rounds 8 --seconds 10
 
 # A coverage-guided fuzz campaign on every parser and the HTTP endpoint (docs/security.md);
 # `make test` runs a short, fixed-budget one. FUZZ_RUNS executions per target.
