@@ -58,7 +58,11 @@ class _DropSpans(SpanExporter):
 
 
 @contextmanager
-def _sage(traces: bool, ratio: float = 1.0) -> Iterator[None]:
+def sage(
+    traces: bool, ratio: float = 1.0, exporter: SpanExporter | None = None
+) -> Iterator[TracerProvider | None]:
+    """sage-otel's store path instrumented; spans (if ``traces``) batched to ``exporter``,
+    a no-op one by default. Yields the tracer provider, if any."""
     resource = Resource.create({"service.name": "bench"})
     reader = ExemplarPrometheusMetricReader(CollectorRegistry())
     provider = MeterProvider(resource=resource, metric_readers=[reader])
@@ -68,11 +72,11 @@ def _sage(traces: bool, ratio: float = 1.0) -> Iterator[None]:
     if traces:
         sampler = ALWAYS_ON if ratio >= 1.0 else ParentBased(TraceIdRatioBased(ratio))
         tracer_provider = TracerProvider(resource=resource, sampler=sampler)
-        tracer_provider.add_span_processor(BatchSpanProcessor(_DropSpans()))
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter or _DropSpans()))
     instrumentor = SageInstrumentor()
     instrumentor.instrument(tracer_provider=tracer_provider, meters=StoreMeters(store))
     try:
-        yield
+        yield tracer_provider if isinstance(tracer_provider, TracerProvider) else None
     finally:
         instrumentor.uninstrument()
         reader.collect()  # the data is really there: one scrape's worth of work, untimed
@@ -82,17 +86,17 @@ def _sage(traces: bool, ratio: float = 1.0) -> Iterator[None]:
 
 
 @contextmanager
-def _plain() -> Iterator[None]:
+def plain() -> Iterator[None]:
     yield
 
 
 SETUPS: dict[str, Callable[[], object]] = {
-    "a": _plain,
-    "b": lambda: _sage(traces=False),
-    "c": lambda: _sage(traces=True),
+    "a": plain,
+    "b": lambda: sage(traces=False),
+    "c": lambda: sage(traces=True),
     "d": lambda: handwritten(PrometheusBackend()),
     "e": lambda: handwritten(NaiveOtelBackend()),
-    "f": lambda: _sage(traces=True, ratio=0.1),
+    "f": lambda: sage(traces=True, ratio=0.1),
 }
 
 
@@ -178,20 +182,26 @@ def targets(summary: dict[str, dict[str, float]]) -> list[tuple[str, bool, str]]
     ]
 
 
-def render(
-    summary: dict[str, dict[str, float]], args: argparse.Namespace, info: dict[str, str]
-) -> str:
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def variant_table(summary: dict[str, dict[str, float]], labels: dict[str, str]) -> list[str]:
+    """Markdown rows: each variant's rates and their ratios to (a)."""
     lines = [
         "| variant | messages/s | ratio to (a) | handshakes/s | ratio to (a) |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for variant, label in VARIANTS.items():
+    for variant, label in labels.items():
         s = summary[variant]
         lines.append(
             f"| ({variant}) {label} | {s['messages']:,.0f} | {s['messages_ratio']:.2f} | "
             f"{s['handshakes']:,.0f} | {s['handshakes_ratio']:.2f} |"
         )
+    return lines
+
+
+def render(
+    summary: dict[str, dict[str, float]], args: argparse.Namespace, info: dict[str, str]
+) -> str:
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = variant_table(summary, VARIANTS)
     checks = "\n".join(
         f"| {name} | {'met' if ok else 'NOT met'} | {value} |"
         for name, ok, value in targets(summary)

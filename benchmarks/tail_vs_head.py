@@ -32,24 +32,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
-from prometheus_client import CollectorRegistry
 
-from sage_otel.instrumentation import SageInstrumentor
-from sage_otel.telemetry.exposition import ExemplarPrometheusMetricReader
-from sage_otel.telemetry.meters import StoreMeters
-from sage_otel.telemetry.store import MetricStore
-
-from .run import machine, summarize
+from .run import machine, plain, sage, summarize, variant_table
 from .workloads import Handshake, MessageRoundTrip
 
 VARIANTS = {
@@ -108,30 +94,12 @@ class Sink:
         self.process.wait(timeout=10)
 
 
-@contextmanager
-def _sage(sink: Sink | None, ratio: float) -> Iterator[TracerProvider | None]:
+def _sage(sink: Sink | None, ratio: float):
     """sage-otel as benchmarks/run.py sets it up, with a real OTLP/HTTP exporter."""
-    resource = Resource.create({"service.name": "bench"})
-    reader = ExemplarPrometheusMetricReader(CollectorRegistry())
-    provider = MeterProvider(resource=resource, metric_readers=[reader])
-    store = MetricStore()
-    store.attach(reader, resource)
-    tracer_provider: trace.TracerProvider = trace.NoOpTracerProvider()
-    if sink is not None:
-        sampler = ALWAYS_ON if ratio >= 1.0 else ParentBased(TraceIdRatioBased(ratio))
-        tracer_provider = TracerProvider(resource=resource, sampler=sampler)
-        exporter = OTLPSpanExporter(endpoint=sink.url + "/v1/traces", timeout=10)
-        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-    instrumentor = SageInstrumentor()
-    instrumentor.instrument(tracer_provider=tracer_provider, meters=StoreMeters(store))
-    try:
-        yield tracer_provider if isinstance(tracer_provider, TracerProvider) else None
-    finally:
-        instrumentor.uninstrument()
-        reader.collect()
-        provider.shutdown()
-        if isinstance(tracer_provider, TracerProvider):
-            tracer_provider.shutdown()
+    if sink is None:
+        return sage(traces=False)
+    exporter = OTLPSpanExporter(endpoint=sink.url + "/v1/traces", timeout=10)
+    return sage(traces=True, ratio=ratio, exporter=exporter)
 
 
 def measure(rounds: int, messages: int, handshakes: int, share: float, seed: int = 1):
@@ -139,7 +107,7 @@ def measure(rounds: int, messages: int, handshakes: int, share: float, seed: int
     exported = {v: {"messages": [0, 0], "handshakes": [0, 0]} for v in ("h", "t")}
     sink = Sink()
     setups = {
-        "a": _nothing,
+        "a": plain,
         "b": lambda: _sage(None, 0.0),
         "h": lambda: _sage(sink, share),
         "t": lambda: _sage(sink, 1.0),
@@ -180,22 +148,9 @@ def measure(rounds: int, messages: int, handshakes: int, share: float, seed: int
     return results, per_unit
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield None
-
-
 def render(summary, per_unit, args, info) -> str:
-    lines = [
-        "| variant | messages/s | ratio to (a) | handshakes/s | ratio to (a) |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for variant, label in VARIANTS.items():
-        s = summary[variant]
-        lines.append(
-            f"| ({variant}) {label.format(share=args.share)} | {s['messages']:,.0f} | "
-            f"{s['messages_ratio']:.2f} | {s['handshakes']:,.0f} | {s['handshakes_ratio']:.2f} |"
-        )
+    labels = {v: label.format(share=args.share) for v, label in VARIANTS.items()}
+    lines = variant_table(summary, labels)
     h, t = summary["h"], summary["t"]
     lines += [
         "",
