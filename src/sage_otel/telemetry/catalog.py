@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
+from ..agent.errors import ErrorCategory
+
 OTHER = "other"
 
 
@@ -93,19 +95,8 @@ HANDSHAKE_ERROR_TYPES = (
     "overload",
 )
 
-# Categories of the typed errors a server answers (sage_otel.agent.errors.ErrorCategory).
-REFUSAL_CATEGORIES = (
-    "invalid",
-    "signature",
-    "crypto",
-    "replay",
-    "expired",
-    "unknown_did",
-    "overload",
-    "timeout",
-    "network",
-    "internal",
-)
+# Categories of the typed errors a server answers: exactly the agent's own closed set.
+REFUSAL_CATEGORIES = tuple(category.value for category in ErrorCategory)
 
 SESSION_DURATION_BUCKETS = exponential(0.0001, 2, 15)  # 0.1 ms .. 1.6 s
 HANDSHAKE_BUCKETS = exponential(0.001, 2, 12)  # 1 ms .. 2 s
