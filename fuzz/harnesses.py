@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -399,9 +400,7 @@ def _supported(factory: Callable[..., Any], **options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k in accepted}
 
 
-_LIMITER: list[Any] = []
-
-
+@functools.cache
 def _no_rate_limit() -> dict[str, Any]:
     """A handshake limiter that never limits: the fuzzer runs thousands of handshakes a
     second from the same two DIDs, and the checks after the limiter are what it is for."""
@@ -409,9 +408,7 @@ def _no_rate_limit() -> dict[str, Any]:
         from sage_otel.agent.handshake import HandshakeLimiter
     except ImportError:
         return {}
-    if not _LIMITER:
-        _LIMITER.append(HandshakeLimiter("100000000/second"))
-    return {"limiter": _LIMITER[0]}
+    return {"limiter": HandshakeLimiter("100000000/second")}
 
 
 def _identity(chain: Chain, label: str) -> AgentIdentity:
@@ -481,13 +478,9 @@ class Base:
         return _text(fdp)
 
 
-_BASE: list[Base] = []
-
-
+@functools.cache
 def base() -> Base:
-    if not _BASE:
-        _BASE.append(Base())
-    return _BASE[0]
+    return Base()
 
 
 # --- transport.parse_envelope --------------------------------------------------------------
@@ -557,13 +550,7 @@ def transport_envelope(
     }
 
 
-_ENVELOPE: list[EnvelopeWorld] = []
-
-
-def _envelope_world() -> EnvelopeWorld:
-    if not _ENVELOPE:
-        _ENVELOPE.append(EnvelopeWorld())
-    return _ENVELOPE[0]
+_envelope_world = functools.cache(EnvelopeWorld)
 
 
 def _mutate_envelope(fdp: atheris.FuzzedDataProvider, envelope: dict[str, Any]) -> dict[str, Any]:
@@ -613,15 +600,13 @@ class MessageWorld:
         return current
 
 
-_MESSAGES: list[MessageWorld] = []
-
-
 def _message_world() -> MessageWorld:
-    if not _MESSAGES:
-        _MESSAGES.append(MessageWorld())
-    w = _MESSAGES[0]
+    w = _the_message_world()
     w.calls += 1
     return w
+
+
+_the_message_world = functools.cache(MessageWorld)
 
 
 def _plaintext(fdp: atheris.FuzzedDataProvider) -> str | bytes:
@@ -877,15 +862,13 @@ class HandshakeWorld:
             self.responder = self._responder()
 
 
-_HANDSHAKES: list[HandshakeWorld] = []
-
-
 def _handshake_world() -> HandshakeWorld:
-    if not _HANDSHAKES:
-        _HANDSHAKES.append(HandshakeWorld())
-    w = _HANDSHAKES[0]
+    w = _the_handshake_world()
     w.tick()
     return w
+
+
+_the_handshake_world = functools.cache(HandshakeWorld)
 
 
 def _mutate_request(fdp: atheris.FuzzedDataProvider, fields: dict[str, str], fresh: bool) -> Any:
@@ -1013,13 +996,7 @@ class IdentityWorld:
         ]
 
 
-_IDENTITY: list[IdentityWorld] = []
-
-
-def _identity_world() -> IdentityWorld:
-    if not _IDENTITY:
-        _IDENTITY.append(IdentityWorld())
-    return _IDENTITY[0]
+_identity_world = functools.cache(IdentityWorld)
 
 
 def target_did_document(data: bytes) -> None:
@@ -1170,15 +1147,13 @@ class AnswerWorld:
         ]
 
 
-_ANSWERS: list[AnswerWorld] = []
+_answer_world = functools.cache(AnswerWorld)
 
 
 def target_read_answer(data: bytes) -> None:
     """transport._read_answer(httpx.Response(status, content)): raw bodies, and answers in
     both the typed shape and the Go reference's shape, mutated."""
-    if not _ANSWERS:
-        _ANSWERS.append(AnswerWorld())
-    w = _ANSWERS[0]
+    w = _answer_world()
     mode, fdp = _split(data, 3)
     status = _pick(fdp, _STATUSES) if fdp.ConsumeBool() else fdp.ConsumeIntInRange(100, 599)
     if mode == 0:
@@ -1517,15 +1492,13 @@ class HttpWorld:
         }
 
 
-_HTTP: list[HttpWorld] = []
-
-
 def _http_world() -> HttpWorld:
-    if not _HTTP:
-        _HTTP.append(HttpWorld())
-    w = _HTTP[0]
+    w = _the_http_world()
     w.tick()
     return w
+
+
+_the_http_world = functools.cache(HttpWorld)
 
 
 def _native_envelope(
@@ -1737,7 +1710,8 @@ def target_http(data: bytes) -> None:
 
 
 def finish_http() -> dict[str, Any]:
-    return _HTTP[0].finish() if _HTTP else {}
+    made = _the_http_world.cache_info().currsize  # nothing to report if never used
+    return _the_http_world().finish() if made else {}
 
 
 # --- the registry of targets ---------------------------------------------------------------
@@ -1773,10 +1747,8 @@ def _raw_metadata() -> list[bytes]:
 
 
 def _raw_answers() -> list[bytes]:
-    if not _ANSWERS:
-        _ANSWERS.append(AnswerWorld())
     out = []
-    for sample in _ANSWERS[0].samples:
+    for sample in _answer_world().samples:
         sample = dict(sample)
         if isinstance(sample.get("data"), dict):
             sample["data"] = b64std(go_json(sample["data"]))

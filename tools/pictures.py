@@ -204,12 +204,7 @@ def _server_agent(workdir: Path, jaeger: services.Jaeger) -> Iterator[dict[str, 
             fields["registry"] = str(workdir / "registry.json")
             yield fields
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+            services.stop(process)
 
 
 def _run_demo(
