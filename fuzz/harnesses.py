@@ -37,8 +37,9 @@ from typing import Any
 import atheris
 import httpx
 
+from sage_otel.agent import envelope as envelope_module
 from sage_otel.agent import identity as identity_module
-from sage_otel.agent import transport
+from sage_otel.agent import server_agent, transport
 from sage_otel.agent.canonical import go_json, jcs, loads_ieee
 from sage_otel.agent.did import (
     DIDDocument,
@@ -1151,7 +1152,7 @@ _answer_world = functools.cache(AnswerWorld)
 
 
 def target_read_answer(data: bytes) -> None:
-    """transport._read_answer(httpx.Response(status, content)): raw bodies, and answers in
+    """transport.read_answer(httpx.Response(status, content)): raw bodies, and answers in
     both the typed shape and the Go reference's shape, mutated."""
     w = _answer_world()
     mode, fdp = _split(data, 3)
@@ -1169,7 +1170,7 @@ def target_read_answer(data: bytes) -> None:
         if isinstance(answer.get("error"), dict) and fdp.ConsumeBool():
             answer["error"] = _mutate_fields(fdp, answer["error"], ERROR_KEYS)
         content = _serialize(fdp, answer)
-    _call(transport._read_answer, httpx.Response(status, content=content))
+    _call(transport.read_answer, httpx.Response(status, content=content))
 
 
 # --- the whole HTTP endpoint, in process ---------------------------------------------------
@@ -1217,8 +1218,8 @@ class DefectTrap(logging.Handler):
 
     def rearm(self) -> None:
         self.caught = None
-        if getattr(transport, "_defect_logged", None):  # the server logs a defect only once
-            transport._defect_logged = False
+        if getattr(server_agent, "_defect_logged", None):  # the server logs a defect only once
+            server_agent._defect_logged = False
 
     def raise_caught(self) -> None:
         caught, self.caught = self.caught, None
@@ -1606,7 +1607,7 @@ def _headers(
         headers.append((b"content-type", _pick(fdp, CONTENT_TYPES).encode()))
     elif choice == 14:
         headers.append((b"content-type", value(_text(fdp, 40))))
-    for header, name in transport._HEADER_FIELDS:
+    for header, name in envelope_module.HEADER_FIELDS:
         pick = fdp.ConsumeIntInRange(0, 7)
         if pick == 1 and isinstance(envelope, dict) and isinstance(envelope.get(name), str):
             headers.append((header.encode(), value(envelope[name])))
@@ -1829,7 +1830,7 @@ TARGETS: dict[str, Target] = {
             "read_answer",
             target_read_answer,
             3,
-            "transport._read_answer: typed and Go-shaped answers, any status, base64 data",
+            "transport.read_answer: typed and Go-shaped answers, any status, base64 data",
             raw_seeds=_raw_answers,
         ),
         Target(

@@ -43,7 +43,7 @@ from sage_otel.agent.transport import (
     ClientAgent,
     Connection,
     ServerAgent,
-    _read_answer,
+    read_answer,
 )
 
 pytest.importorskip("atheris")
@@ -170,7 +170,7 @@ class LiveApp(RuleBasedStateMachine):
         answer = self.post(body)
         assert answer.status_code == 200, answer.text
         if conn.session.profile is PeerProfile.NATIVE:
-            assert client.open_reply(conn, _read_answer(answer)) == data
+            assert client.open_reply(conn, read_answer(answer)) == data
         self.accepted.append((conn, body))
 
     @precondition(lambda self: self.accepted)

@@ -36,7 +36,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from sage_otel.agent import handshake, hpke, transport
+from sage_otel.agent import handshake, hpke, server_agent
 from sage_otel.agent import session as session_module
 from sage_otel.agent.errors import PeerError
 from sage_otel.agent.identity import AgentIdentity, Chain
@@ -165,7 +165,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Secrets:
 
     monkeypatch.setattr(handshake.Initiator, "init", init_spy)
 
-    seal = transport.seal
+    seal = server_agent.seal
 
     def seal_spy(session: Session, data: str | bytes, **kwargs: Any) -> Any:
         message = seal(session, data, **kwargs)
@@ -175,7 +175,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Secrets:
             found.add("plaintext", data)
         return message
 
-    monkeypatch.setattr(transport, "seal", seal_spy)
+    monkeypatch.setattr(server_agent, "seal", seal_spy)
     return found
 
 
@@ -234,7 +234,7 @@ def _reply(session: Session, data: str | bytes) -> str | bytes:
 
 
 def _tampered_envelope(client: ClientAgent, session: Session) -> dict[str, Any]:
-    message = transport.seal(session, "tamper-" + random.token_urlsafe(24))
+    message = server_agent.seal(session, "tamper-" + random.token_urlsafe(24))
     corrupt = bytearray(message.ciphertext)
     corrupt[-1] ^= 0x01
     unsigned = dataclasses.replace(message, ciphertext=bytes(corrupt), signature=b"")

@@ -51,7 +51,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from . import __version__
-from .agent import did, handshake, identity, message, session, transport
+from .agent import client_agent, did, envelope, handshake, identity, message, server_agent, session
 from .agent.errors import CryptoError, PeerError, SageError, SignatureError, category_of
 from .agent.identity import CHAIN_ALIASES, DID
 from .telemetry.catalog import (
@@ -723,8 +723,8 @@ def _wrap_close(kit: _Kit):
 
 _SERVER_SPANS = {
     handshake.TASK: "sage.handshake",
-    transport.MESSAGE_TASK: "sage.message.receive",
-    transport.CLOSE_TASK: "sage.session.close_request",
+    envelope.MESSAGE_TASK: "sage.message.receive",
+    envelope.CLOSE_TASK: "sage.session.close_request",
 }
 
 
@@ -785,12 +785,12 @@ _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
     (handshake.Responder, "process", _wrap_process),
     (message.MessageValidator, "open_wire", _wrap_open),
     (message.NonceCache, "check", _wrap_nonce_check),
-    (transport.ClientAgent, "connect", _wrap_connect),
-    (transport.ClientAgent, "send", _wrap_send),
-    (transport.ClientAgent, "close", _wrap_close),
-    (transport.ClientAgent, "post", _wrap_post),
-    (transport.ServerAgent, "dispatch", _wrap_dispatch),
-    (transport.ServerAgent, "refuse", _wrap_refuse),
+    (client_agent.ClientAgent, "connect", _wrap_connect),
+    (client_agent.ClientAgent, "send", _wrap_send),
+    (client_agent.ClientAgent, "close", _wrap_close),
+    (client_agent.ClientAgent, "post", _wrap_post),
+    (server_agent.ServerAgent, "dispatch", _wrap_dispatch),
+    (server_agent.ServerAgent, "refuse", _wrap_refuse),
 )
 
 CRYPTO_DETAILS = ("handshake", "events", "spans", "none")

@@ -1,0 +1,349 @@
+"""The server agent: an ASGI app that answers handshakes, session messages and closes.
+
+Failures are typed errors ``{code, category, message}`` with a 4xx status, and never
+disturb other sessions. A session's :class:`~.session.PeerProfile` decides how its messages
+flow: ``native`` replies travel sealed in the answer; ``go`` messages are answered bare and
+each side POSTs its own messages to the other's endpoint (from its DID document), as the
+reference's agents do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .canonical import go_json
+from .did import DIDResolver
+from .entropy import SYSTEM, Entropy
+from .envelope import (
+    CLOSE_TASK,
+    HEADER_FIELDS,
+    MAX_BODY_BYTES,
+    MESSAGE_TASK,
+    MESSAGES_PATH,
+    REPLY_METHOD,
+    Envelope,
+    answer_body,
+    parse_envelope,
+)
+from .errors import (
+    InternalError,
+    InvalidMessageError,
+    NetworkError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    SageError,
+    UnsupportedMediaTypeError,
+)
+from .handshake import TASK as HANDSHAKE_TASK
+from .handshake import HandshakeLimiter, Responder
+from .identity import AgentIdentity, parse_did
+from .message import MessageValidator, seal
+from .session import PeerProfile, Role, Session, SessionManager
+
+if TYPE_CHECKING:
+    from .client_agent import ClientAgent
+
+INBOX_SIZE = 256
+
+Handler = Callable[[Session, "str | bytes"], "str | bytes | Awaitable[str | bytes | None] | None"]
+
+
+def error_answer(error: SageError, message_id: str = "", task_id: str = "") -> Response:
+    body = answer_body(success=False, message_id=message_id, task_id=task_id, error=error)
+    return Response(body, status_code=error.http_status, media_type="application/json")
+
+
+_logger = logging.getLogger(__name__)
+_defect_logged = False
+
+
+def _log_defect_once() -> None:
+    global _defect_logged
+    if not _defect_logged:
+        _defect_logged = True
+        _logger.exception("sage-otel: unexpected error answering a request (logged once)")
+
+
+def _default_handler(_session: Session, data: str | bytes) -> str | bytes:
+    return data
+
+
+class ServerAgent:
+    """A responder agent: answers handshakes and session messages over HTTP.
+
+    It also receives the messages go-profile peers POST back to sessions this agent (or a
+    :class:`ClientAgent` sharing its session manager) initiated: those wait in a bounded
+    per-session inbox for :meth:`next_message`.
+    """
+
+    def __init__(
+        self,
+        identity: AgentIdentity,
+        resolver: DIDResolver,
+        *,
+        sessions: SessionManager | None = None,
+        validator: MessageValidator | None = None,
+        handler: Handler | None = None,
+        max_body: int = MAX_BODY_BYTES,
+        sweep_interval: float = 1.0,
+        entropy: Entropy = SYSTEM,
+        clock: Callable[[], float] | None = None,
+        handshake_rate: str = "50/second",
+    ) -> None:
+        self.identity = identity
+        self.resolver = resolver
+        self.sessions = sessions or SessionManager()
+        self.validator = validator or MessageValidator()
+        self.entropy = entropy
+        self.responder = Responder(
+            identity,
+            resolver,
+            self.sessions,
+            clock=clock or time.time,
+            entropy=entropy,
+            limiter=HandshakeLimiter(handshake_rate),
+        )
+        self.handler: Handler = handler or _default_handler
+        self.max_body = max_body
+        self.sweep_interval = sweep_interval
+        self.app = Starlette(
+            routes=[
+                Route(MESSAGES_PATH, self._endpoint, methods=["POST"]),
+                Route("/healthz", self._health, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: self._http_error},
+            lifespan=self._lifespan,
+        )
+        self.app.router.redirect_slashes = False  # "/messages/" is a typed 404, not a 307
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inboxes: dict[str, asyncio.Queue[str | bytes]] = {}
+        self._outbound: ClientAgent | None = None
+        self._pushes: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette):
+        sweeper = asyncio.create_task(self._sweep_forever())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            self.sessions.close_all()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            self.sessions.sweep()
+
+    async def _health(self, _request: Request) -> Response:
+        return Response(go_json({"status": "ok", "did": str(self.identity.did)}))
+
+    async def _http_error(self, _request: Request, exc: Exception) -> Response:
+        """Routing failures (wrong path or method) in the same typed shape as the rest."""
+        status = getattr(exc, "status_code", 400)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+        error = InvalidMessageError(f"{code.replace('_', ' ')}", code=code)
+        error.http_status = status if 400 <= status < 500 else 400
+        return self.refuse(error)
+
+    def refuse(self, error: SageError, message_id: str = "", task_id: str = "") -> Response:
+        """Every refusal the server answers goes through here (and is counted here)."""
+        response = error_answer(error, message_id, task_id)
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            response.headers["retry-after"] = str(retry_after)
+        return response
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        # isdigit() alone admits "²": only ASCII digits are a length worth trusting early.
+        too_long = declared is not None and declared.isascii() and declared.isdigit()
+        if too_long and int(declared) > self.max_body:
+            raise PayloadTooLargeError("request body too large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise PayloadTooLargeError("request body too large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _endpoint(self, request: Request) -> Response:
+        envelope: Envelope | None = None
+        try:
+            media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if media_type != "application/json":
+                raise UnsupportedMediaTypeError("content-type must be application/json")
+            envelope = parse_envelope(await self._read_body(request), request.headers)
+            for header, name in HEADER_FIELDS:
+                value = request.headers.get(header)
+                if value is not None and value != getattr(envelope, name):
+                    raise InvalidMessageError(
+                        f"{header} does not match the body", code="header_mismatch"
+                    )
+            data = await self.dispatch(envelope)
+            body = answer_body(
+                success=True,
+                message_id=envelope.id,
+                task_id=envelope.task_id,
+                data=None if data is None else go_json(data, sort_keys=True),
+            )
+            return Response(body, media_type="application/json")
+        except SageError as error:
+            ids = (envelope.id, envelope.task_id) if envelope else ("", "")
+            return self.refuse(error, *ids)
+        except Exception:  # a defect, not the caller's fault: typed, logged once, counted
+            _log_defect_once()
+            ids = (envelope.id, envelope.task_id) if envelope else ("", "")
+            return self.refuse(InternalError("internal error"), *ids)
+
+    async def dispatch(self, envelope: Envelope) -> Any:
+        if envelope.task_id == HANDSHAKE_TASK:
+            return await self.handle_handshake(envelope)
+        if envelope.task_id == MESSAGE_TASK:
+            return await self.process_message(envelope)
+        if envelope.task_id == CLOSE_TASK:
+            return self.handle_close(envelope)
+        raise InvalidMessageError("unknown task_id", code="unknown_task")
+
+    async def handle_handshake(self, envelope: Envelope) -> dict[str, str]:
+        parse_did(envelope.did)
+        response, _session = await self.responder.process(
+            envelope.did, envelope.payload, envelope.signature, envelope.context_id or None
+        )
+        return response
+
+    def _open(self, envelope: Envelope) -> tuple[Session, str | bytes]:
+        session = self.sessions.get(envelope.context_id)
+        if (
+            envelope.did
+            and envelope.did != session.peer_did  # the common case: no parsing at all
+            and parse_did(envelope.did) != parse_did(session.peer_did)
+        ):
+            raise InvalidMessageError("sender is not the session's peer", code="wrong_peer")
+        plaintext = self.validator.open_wire(
+            session, envelope.raw_payload, envelope.metadata, envelope=envelope
+        )
+        return session, plaintext
+
+    async def process_message(self, envelope: Envelope) -> dict[str, Any] | None:
+        """Open an inbound session message; answer it as the session's profile wants."""
+        session, plaintext = self._open(envelope)
+        if session.profile is PeerProfile.GO and session.role is Role.INITIATOR:
+            self._deliver(session, plaintext)
+            return None
+        reply = self.handler(session, plaintext)
+        if asyncio.iscoroutine(reply):
+            reply = await reply
+        if session.profile is PeerProfile.GO:
+            if reply is not None:
+                self._push_later(session, reply)
+            return None
+        return seal(session, b"" if reply is None else reply, method=REPLY_METHOD).to_wire()
+
+    def handle_close(self, envelope: Envelope) -> dict[str, bool]:
+        session, _ = self._open(envelope)
+        self.sessions.close(session.id)
+        self._inboxes.pop(session.id, None)
+        return {"closed": True}
+
+    # -- go profile: messages both ways by POST ----------------------------------------
+
+    def _inbox(self, session_id: str) -> asyncio.Queue[str | bytes]:
+        inbox = self._inboxes.get(session_id)
+        if inbox is None:
+            inbox = self._inboxes[session_id] = asyncio.Queue(INBOX_SIZE)
+        return inbox
+
+    def _deliver(self, session: Session, plaintext: str | bytes) -> None:
+        try:
+            self._inbox(session.id).put_nowait(plaintext)
+        except asyncio.QueueFull:
+            raise RateLimitedError("inbox full: retry later", code="inbox_full") from None
+
+    async def next_message(self, session_id: str, timeout: float | None = None) -> str | bytes:
+        """The next message a go-profile peer POSTed to this session."""
+        try:
+            return await asyncio.wait_for(self._inbox(session_id).get(), timeout)
+        except asyncio.TimeoutError as exc:
+            raise NetworkError("no message from the peer in time", code="receive_timeout") from exc
+
+    def _push_later(self, session: Session, data: str | bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._push_quietly(session, data))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+
+    async def _push_quietly(self, session: Session, data: str | bytes) -> None:
+        with contextlib.suppress(SageError):  # the sender already had its answer
+            await self.push(session, data)
+
+    async def push(self, session: Session, data: str | bytes) -> None:
+        """POST one message of a go-profile session to the peer's endpoint."""
+        peer = await self.resolver.resolve(session.peer_did)
+        if not peer.endpoint:
+            raise NetworkError("peer publishes no endpoint", code="no_endpoint")
+        from .client_agent import ClientAgent, Connection  # the two agents use each other
+
+        if self._outbound is None:
+            self._outbound = ClientAgent(
+                self.identity,
+                self.resolver,
+                sessions=self.sessions,
+                validator=self.validator,
+                entropy=self.entropy,
+            )
+        await self._outbound.send(Connection(peer.endpoint, session.peer_did, session), data)
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Bind (raising OSError if the port is taken), serve in the background, return the port."""
+        # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on accepted sockets whose
+        # protocol is TCP, and without it every answer waits out a delayed ACK (~40 ms).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        # Serve in a fresh context: the server's tasks must not inherit the caller's span.
+        serve = self._server.serve(sockets=[sock])
+        self._task = contextvars.Context().run(asyncio.create_task, serve)
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+        return self.port
+
+    async def stop(self) -> None:
+        for task in list(self._pushes):
+            task.cancel()
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._server = self._task = None
+        if self._outbound is not None:
+            await self._outbound.http.aclose()
