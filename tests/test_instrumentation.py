@@ -179,6 +179,13 @@ def instrument() -> Iterator[Callable[..., Captured]]:
 
 @pytest.fixture
 def tel(instrument: Callable[..., Captured]) -> Captured:
+    """The server agent continues its callers' traces, as between agents that trust them."""
+    return instrument(inbound_trace_context="parent")
+
+
+@pytest.fixture
+def default_tel(instrument: Callable[..., Captured]) -> Captured:
+    """The default: a request's trace context is not trusted before it is authenticated."""
     return instrument()
 
 
@@ -469,6 +476,120 @@ async def test_handshake_spans_form_one_trace_across_agents(
         process.context.span_id,
     }
     await client.close(conn)
+
+
+# --- trace context from requests not yet authenticated ---------------------------------------
+
+_FORGED_TRACE = "0af7651916cd43dd8448eb211c80319c"
+_FORGED_PARENT = f"00-{_FORGED_TRACE}-b7ad6b7169203331-01"  # "sampled", says the stranger
+
+
+async def _stranger_request(url: str) -> None:
+    """A request with a sampled traceparent and baggage, before any authentication."""
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            url + MESSAGES_PATH,
+            content=b'{"id": "m", "task_id": "no/such@v1", "payload": "e30="}',
+            headers={
+                "content-type": "application/json",
+                "traceparent": _FORGED_PARENT,
+                "baggage": "tenant=admin,sage.did=did:sage:forged",
+            },
+        )
+    assert answer.status_code == 400  # refused as an unknown task, after the span started
+
+
+async def test_by_default_the_server_span_links_the_callers_span_and_starts_its_own_trace(
+    default_tel: Captured, start_server: StartServer, make_client: MakeClient, new_agent: NewAgent
+) -> None:
+    server, url, client = await pair(start_server, make_client, new_agent)
+    default_tel.exporter.clear()
+    conn = await connect(server, url, client)
+    spans = default_tel.spans()
+    client_span = one(spans, "sage.handshake", SpanKind.CLIENT)
+    server_span = one(spans, "sage.handshake", SpanKind.SERVER)
+    assert server_span.parent is None
+    assert server_span.context.trace_id != client_span.context.trace_id
+    client_ids = {
+        s.context.span_id for s in spans if s.context.trace_id == client_span.context.trace_id
+    }
+    [link] = server_span.links
+    assert link.context.trace_id == client_span.context.trace_id
+    assert link.context.span_id in client_ids
+    await client.close(conn)
+
+
+async def test_a_strangers_sampled_flag_does_not_force_the_servers_sampling(
+    instrument: Callable[..., Captured], start_server: StartServer
+) -> None:
+    # This process samples nothing of its own; only a caller's "sampled" flag could force it.
+    tel = instrument(sampler=ParentBased(ALWAYS_OFF))
+    _server, url = await start_server()
+    await _stranger_request(url)
+    assert [s for s in tel.spans() if s.kind is SpanKind.SERVER] == []
+
+
+async def test_a_strangers_trace_context_is_a_link_and_its_baggage_is_dropped(
+    instrument: Callable[..., Captured], start_server: StartServer
+) -> None:
+    seen_baggage: list[dict[str, object]] = []
+
+    def hook(span: trace.Span, name: str) -> None:
+        from opentelemetry import baggage
+
+        seen_baggage.append(dict(baggage.get_all()))
+
+    tel = instrument(span_hook=hook)
+    _server, url = await start_server()
+    await _stranger_request(url)
+    [span] = [s for s in tel.spans() if s.kind is SpanKind.SERVER]
+    assert span.name == "sage.receive" and span.parent is None
+    assert f"{span.context.trace_id:032x}" != _FORGED_TRACE
+    assert [f"{link.context.trace_id:032x}" for link in span.links] == [_FORGED_TRACE]
+    assert seen_baggage and all(seen == {} for seen in seen_baggage)
+
+
+async def test_parent_policy_follows_the_callers_trace_sampling_and_baggage(
+    instrument: Callable[..., Captured],
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The opt-in for callers the server trusts, here through the environment variable."""
+    seen_baggage: list[dict[str, object]] = []
+
+    def hook(span: trace.Span, name: str) -> None:
+        from opentelemetry import baggage
+
+        seen_baggage.append(dict(baggage.get_all()))
+
+    monkeypatch.setenv(instrumentation.INBOUND_TRACE_CONTEXT_ENV, "parent")
+    tel = instrument(sampler=ParentBased(ALWAYS_OFF), span_hook=hook)
+    _server, url = await start_server()
+    await _stranger_request(url)
+    [span] = [s for s in tel.spans() if s.kind is SpanKind.SERVER]
+    assert f"{span.context.trace_id:032x}" == _FORGED_TRACE and span.parent.is_remote
+    assert seen_baggage[-1]["tenant"] == "admin"
+
+
+@pytest.mark.parametrize("policy", ["ignore", "bogus"])
+async def test_ignore_policy_and_a_bad_value_neither_parent_nor_link(
+    policy: str,
+    instrument: Callable[..., Captured],
+    start_server: StartServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tel = instrument(inbound_trace_context=policy)
+    _server, url = await start_server()
+    await _stranger_request(url)
+    [span] = [s for s in tel.spans() if s.kind is SpanKind.SERVER]
+    assert span.parent is None and f"{span.context.trace_id:032x}" != _FORGED_TRACE
+    if policy == "ignore":
+        assert span.links == ()
+    else:  # a typo warns and falls back to the default, "link"
+        assert len(span.links) == 1
+        assert any("'bogus'" in r.getMessage() for r in caplog.records)
 
 
 async def test_unknown_did_handshake_fails_on_both_sides(

@@ -170,7 +170,12 @@ def _agent_env(jaeger: services.Jaeger, service: str) -> dict[str, str]:
     return env
 
 
-_DEMO_LIMIT = {"SAGE_OTEL_SESSION_MAX_MESSAGES": str(DemoConfig.session_max_messages)}
+# The demo clients' session limit, and their trust: the server continues their traces, so an
+# exemplar's trace crosses both agents (docs/tracing.md, "Trace context between agents").
+_DEMO_LIMIT = {
+    "SAGE_OTEL_SESSION_MAX_MESSAGES": str(DemoConfig.session_max_messages),
+    "OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT": "parent",
+}
 
 
 @contextlib.contextmanager
@@ -187,8 +192,8 @@ def _server_agent(workdir: Path, jaeger: services.Jaeger) -> Iterator[dict[str, 
                 "--identity", str(workdir / "server-identity.json"),
                 "--registry", str(workdir / "registry.json"),
             ],
-            # The demo clients' session limit, as `sage-otel demo` gives a server it starts:
-            # sessions a client has finished end on the server too.
+            # What `sage-otel demo` gives a server it starts: sessions a client has finished
+            # end on the server too, and the server continues the clients' traces.
             env={**_agent_env(jaeger, SERVER_SERVICE), **_DEMO_LIMIT},
             cwd=workdir, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,

@@ -372,6 +372,7 @@ def _start_telemetry(config: DemoConfig):
     """Telemetry of the demo's own (not under --no-telemetry): /metrics, OTLP if configured."""
     if not config.telemetry:
         return None
+    from .instrumentation import INBOUND_TRACE_CONTEXT_ENV
     from .telemetry.setup import configure, otlp_configured
 
     return configure(
@@ -382,6 +383,7 @@ def _start_telemetry(config: DemoConfig):
         # an exemplar must lead to a stored trace, and an unexported span is pure cost on
         # every message. In one process, spans always: its /metrics shows every exemplar.
         traces=not config.fast or otlp_configured("TRACES"),
+        inbound_trace_context=os.environ.get(INBOUND_TRACE_CONTEXT_ENV) or "parent",
     )
 
 
@@ -405,7 +407,13 @@ def _start_server_process(config: DemoConfig) -> tuple[Any, str]:
         stdout=subprocess.PIPE, text=True,
         # The server ends a session where the clients do (as in one process), so sessions a
         # client stops using are not kept on the server until they go idle.
-        env={**os.environ, "SAGE_OTEL_SESSION_MAX_MESSAGES": str(config.session_max_messages)},
+        # The demo's clients are its own: the server continues their traces (one trace per
+        # exchange across both processes) unless the user chose otherwise.
+        env={
+            "OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT": "parent",
+            **os.environ,
+            "SAGE_OTEL_SESSION_MAX_MESSAGES": str(config.session_max_messages),
+        },
     )  # fmt: skip
     line = process.stdout.readline().split()
     fields = dict(part.split("=", 1) for part in line)

@@ -26,6 +26,13 @@ Options for ``instrument()``:
   for every crypto operation, per-message sealing and opening included: each costs
   microseconds), ``"spans"`` (a child span per crypto operation) or ``"none"``; under
   ``opentelemetry-instrument`` set ``OTEL_PYTHON_SAGE_CRYPTO_DETAIL``;
+* ``inbound_trace_context``: what the server agent does with the trace context of a request
+  it has not authenticated yet (every request, when its span starts): ``"link"`` (default:
+  the SERVER span starts a trace of its own, sampled by this process's sampler, with a link
+  to the caller's span; baggage and ``tracestate`` are ignored), ``"parent"`` (continue the
+  caller's trace with its sampling decision and baggage: for agents that trust their
+  callers, such as the demo's own) or ``"ignore"``; under ``opentelemetry-instrument`` set
+  ``OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT``;
 * ``span_hook``: ``hook(span, operation)`` called on each span this library starts; its
   exceptions are logged and swallowed.
 
@@ -48,7 +55,8 @@ import wrapt
 from opentelemetry import context, propagate, trace
 from opentelemetry.instrumentation import utils as _instrumentation_utils
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import __version__
 from .agent import client_agent, did, envelope, handshake, identity, message, server_agent, session
@@ -101,12 +109,18 @@ class _Kit:
     """What every patch shares: tracer, bound meters, options."""
 
     def __init__(
-        self, tracer: trace.Tracer, meters: Meters, crypto_detail: str, hook: SpanHook | None
+        self,
+        tracer: trace.Tracer,
+        meters: Meters,
+        crypto_detail: str,
+        hook: SpanHook | None,
+        inbound_trace_context: str = "link",
     ):
         self.tracer = tracer
         self.meters = meters
         self.crypto_detail = crypto_detail
         self.hook = hook
+        self.inbound_trace_context = inbound_trace_context
         # With tracing off, no span is started at all: not even a non-recording one.
         self.tracing = not isinstance(tracer, trace.NoOpTracer)
         self.crypto_spans = self.tracing and crypto_detail == "spans"
@@ -117,6 +131,7 @@ class _Kit:
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: dict | None = None,
         parent: context.Context | None = None,
+        links: list[Link] | None = None,
     ) -> _SpanScope | contextlib.nullcontext:
         """Start a span and make it current until the ``with`` block ends.
 
@@ -131,10 +146,12 @@ class _Kit:
                 parent,
                 kind,
                 attributes,
+                links,
                 record_exception=False,
                 set_status_on_exception=False,
             )
-            scope = _SpanScope(span, context.attach(trace.set_span_in_context(span)))
+            # In the parent's context, so that what it carries (baggage) is current too.
+            scope = _SpanScope(span, context.attach(trace.set_span_in_context(span, parent)))
         except Exception:  # a broken tracer costs the span, never the SAGE call
             _log_once(f"start {name}")
             return _NO_SPAN
@@ -654,7 +671,8 @@ def _wrap_nonce_check(kit: _Kit):
     return wrapper
 
 
-Describe = Callable[[tuple, dict], tuple[str, dict | None, Any]]  # -> name, attributes, parent
+# -> span name, attributes, parent context (None: the current one), links
+Describe = Callable[[tuple, dict], tuple[str, dict | None, Any, list[Link]]]
 
 
 def _span_around(kit: _Kit, kind: SpanKind, describe: Describe):
@@ -664,11 +682,11 @@ def _span_around(kit: _Kit, kind: SpanKind, describe: Describe):
         if not kit.tracing or not _enabled():  # no span to name: skip describing it
             return await wrapped(*args, **kwargs)
         try:
-            name, attributes, parent = describe(args, kwargs)
+            name, attributes, parent, links = describe(args, kwargs)
         except Exception:
             _log_once(f"describe {kind.name} span")
             return await wrapped(*args, **kwargs)
-        with kit.start(name, kind, attributes, parent) as span:
+        with kit.start(name, kind, attributes, parent, links or None) as span:
             try:
                 return await wrapped(*args, **kwargs)
             except Exception as exc:
@@ -688,7 +706,7 @@ def _wrap_send(kit: _Kit):
             "sage.message.type": "text" if isinstance(data, str) else "binary",
             **_server_attributes(conn.base_url),
         }
-        return "sage.message.send", attributes, None
+        return "sage.message.send", attributes, None, []
 
     return _span_around(kit, SpanKind.CLIENT, describe)
 
@@ -716,7 +734,7 @@ def _wrap_close(kit: _Kit):
     def describe(args: tuple, kwargs: dict):
         conn = args[0] if args else kwargs["conn"]
         attributes = {"sage.session.id": conn.session.id, **_server_attributes(conn.base_url)}
-        return "sage.session.close_request", attributes, None
+        return "sage.session.close_request", attributes, None, []
 
     return _span_around(kit, SpanKind.CLIENT, describe)
 
@@ -728,23 +746,43 @@ _SERVER_SPANS = {
 }
 
 
+_TRACEPARENT = TraceContextTextMapPropagator()
+_NO_PARENT = context.Context()  # a root span, whatever context the server task runs in
+
+
+def _inbound_parent(kit: _Kit, headers: Any) -> tuple[context.Context | None, list[Link]]:
+    """The SERVER span's parent and links from a request nobody has authenticated yet.
+
+    ``link``: a trace of this process's own, its sampler deciding as for any root span; the
+    caller's span, when its ``traceparent`` is valid, is a link (no baggage, no tracestate).
+    ``parent``: the caller's trace, sampling decision and baggage, as the propagators give.
+    """
+    policy = kit.inbound_trace_context
+    if policy == "parent":
+        return propagate.extract(headers), []
+    if policy == "ignore":
+        return _NO_PARENT, []
+    remote = trace.get_current_span(_TRACEPARENT.extract(headers)).get_span_context()
+    return _NO_PARENT, [Link(remote)] if remote.is_valid else []
+
+
 def _wrap_dispatch(kit: _Kit):
-    """ServerAgent.dispatch: the SERVER span, continuing the caller's trace."""
+    """ServerAgent.dispatch: the SERVER span, linked to (or continuing) the caller's trace."""
 
     def describe(args: tuple, kwargs: dict):
         envelope = args[0] if args else kwargs["envelope"]
         try:
-            parent = propagate.extract(envelope.headers)
+            parent, links = _inbound_parent(kit, envelope.headers)
         except Exception:
             _log_once("propagation.extract")
-            parent = None
+            parent, links = _NO_PARENT, []
         known = envelope.task_id in _SERVER_SPANS
         attributes = {"sage.task": envelope.task_id if known else OTHER}
         if envelope.task_id == handshake.TASK:
             attributes["sage.handshake.role"] = "server"
         elif envelope.context_id:
             attributes["sage.session.id"] = envelope.context_id[:64]
-        return _SERVER_SPANS.get(envelope.task_id, "sage.receive"), attributes, parent
+        return _SERVER_SPANS.get(envelope.task_id, "sage.receive"), attributes, parent, links
 
     return _span_around(kit, SpanKind.SERVER, describe)
 
@@ -795,6 +833,8 @@ _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
 
 CRYPTO_DETAILS = ("handshake", "events", "spans", "none")
 CRYPTO_DETAIL_ENV = "OTEL_PYTHON_SAGE_CRYPTO_DETAIL"  # for opentelemetry-instrument
+INBOUND_TRACE_CONTEXTS = ("link", "parent", "ignore")
+INBOUND_TRACE_CONTEXT_ENV = "OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT"
 
 
 class SageInstrumentor(BaseInstrumentor):
@@ -826,7 +866,17 @@ class SageInstrumentor(BaseInstrumentor):
                 CRYPTO_DETAILS,
             )
             crypto_detail = "handshake"
-        kit = _Kit(tracer, meters, crypto_detail, kwargs.get("span_hook"))
+        inbound = kwargs.get("inbound_trace_context") or os.environ.get(
+            INBOUND_TRACE_CONTEXT_ENV, "link"
+        )
+        if inbound not in INBOUND_TRACE_CONTEXTS:
+            _logger.warning(
+                "sage-otel: inbound_trace_context %r is not one of %s; using 'link'",
+                inbound,
+                INBOUND_TRACE_CONTEXTS,
+            )
+            inbound = "link"
+        kit = _Kit(tracer, meters, crypto_detail, kwargs.get("span_hook"), inbound)
         for owner, name, factory in _PATCHES:
             wrapt.wrap_function_wrapper(owner, name, factory(kit))
 

@@ -262,6 +262,7 @@ def configure(
     metric_readers: list[MetricReader] | None = None,
     instrument: bool = True,
     crypto_detail: str | None = None,
+    inbound_trace_context: str | None = None,
     set_global: bool = True,
     _resource: Resource | None = None,
 ) -> Telemetry:
@@ -271,7 +272,8 @@ def configure(
     environment. ``traces=False`` records metrics only: no span is ever started.
     ``metrics_port=0`` picks a free port (see ``Telemetry.metrics_address``).
     ``metrics_web_config`` (or ``SAGE_OTEL_METRICS_WEB_CONFIG``) adds TLS and basic auth to
-    /metrics (:mod:`sage_otel.telemetry.web`).
+    /metrics (:mod:`sage_otel.telemetry.web`). ``crypto_detail`` and
+    ``inbound_trace_context`` go to the instrumentation (:mod:`sage_otel.instrumentation`).
     Raises ``OSError`` when the metrics port cannot be bound.
     """
     global _current
@@ -285,6 +287,7 @@ def configure(
         "span_processors": span_processors,
         "instrument": instrument,
         "crypto_detail": crypto_detail,
+        "inbound_trace_context": inbound_trace_context,
         "set_global": set_global,
     }
     with _lock:
@@ -386,6 +389,7 @@ def configure(
                     tracer_provider=tracer_provider if traces else trace.NoOpTracerProvider(),
                     meters=telemetry.meters,
                     crypto_detail=crypto_detail,
+                    inbound_trace_context=inbound_trace_context,
                 )
                 telemetry._instrumentor = instrumentor
         return telemetry
