@@ -494,6 +494,7 @@ class EnvelopeWorld:
         request = pending.request
         sender, _ = _pair(PeerProfile.NATIVE, str(b.alice.did), str(b.bob.did))
         wire = seal(sender, "hello", now_ns=T0_NS).to_wire()
+        close = seal(sender, "", now_ns=T0_NS, task_id=CLOSE_TASK).to_wire()
         go_sender, _ = _pair(PeerProfile.GO, str(b.dave.did), str(b.bob.did))
         go = seal_go(
             go_sender,
@@ -523,7 +524,9 @@ class EnvelopeWorld:
                 go.metadata(),
                 message_id=go.id,
             ),
-            transport_envelope(CLOSE_TASK, sender.id, wire["payload"], "", None, wire["metadata"]),
+            transport_envelope(
+                CLOSE_TASK, sender.id, close["payload"], "", None, close["metadata"]
+            ),
         ]
 
 
@@ -1507,7 +1510,7 @@ def _native_envelope(
 ) -> dict[str, Any]:
     peer = link.peer
     assert peer is not None
-    message = seal(peer, _plaintext(fdp), now_ns=T0_NS + _offset_ns(fdp))
+    message = seal(peer, _plaintext(fdp), now_ns=T0_NS + _offset_ns(fdp), task_id=task_id)
     if forge:  # fields changed and the MAC recomputed by the real peer
         changes: dict[str, Any] = {}
         if fdp.ConsumeBool():
@@ -1518,7 +1521,8 @@ def _native_envelope(
             changes["ciphertext"] = _mutate_bytes(fdp, message.ciphertext)
         message = dataclasses.replace(message, **changes)
         message = dataclasses.replace(
-            message, signature=peer.sign(signature_base(message, "POST", MESSAGES_PATH))
+            message,
+            signature=peer.sign(signature_base(message, "POST", MESSAGES_PATH, task_id)),
         )
     wire = message.to_wire()
     role = "user" if peer.role is Role.INITIATOR else "agent"

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage_otel.agent.encoding import b64url, format_rfc3339
+from sage_otel.agent.envelope import CLOSE_TASK, MESSAGE_TASK
 from sage_otel.agent.errors import (
     CryptoError,
     InvalidMessageError,
@@ -133,6 +134,63 @@ def test_reply_direction_and_method_binding(link: Link) -> None:
     # A message cannot be reflected back to its sender.
     with pytest.raises(SignatureError):
         link.a_validator.open(link.a, link.send("mine"))
+
+
+def test_signature_base_covers_every_field_that_selects_an_action() -> None:
+    """The native profile's signature base, pinned: task id included (issue 16)."""
+    message = SecureMessage(
+        session_id="sid-1",
+        seq=7,
+        nonce=bytes(range(16)),
+        timestamp_ns=1_700_000_000_123_456_789,
+        type=MessageType.TEXT,
+        ciphertext=b"\x00" * 28,
+        signature=b"",
+    )
+    assert signature_base(message, "POST", "/messages", CLOSE_TASK).decode() == (
+        '"@method": POST\n'
+        '"@path": /messages\n'
+        '"x-sage-context-id": sid-1\n'
+        '"x-sage-task-id": sage/close@v1\n'
+        '"content-digest": sha-256=:Ot37FBzXycTGVDqCGRo3B6wpx6BBIXeC5h1NkcaRrug=:\n'
+        '"sage-seq": 7\n'
+        '"sage-nonce": AAECAwQFBgcICQoLDA0ODw\n'
+        '"sage-type": text\n'
+        '"sage-timestamp": 1700000000123456789\n'
+        '"@signature-params": ("@method" "@path" "x-sage-context-id" "x-sage-task-id" '
+        '"content-digest" "sage-seq" "sage-nonce" "sage-type" "sage-timestamp")'
+        ';created=1700000000;alg="hmac-sha256"'
+    )
+    assert signature_base(message, "POST", "/messages") == signature_base(
+        message, "POST", "/messages", MESSAGE_TASK
+    )
+
+
+@pytest.mark.parametrize(
+    ("sent", "relabelled"), [(MESSAGE_TASK, CLOSE_TASK), (CLOSE_TASK, MESSAGE_TASK)]
+)
+def test_a_relabelled_task_fails_the_signature_and_spends_nothing(
+    link: Link, sent: str, relabelled: str
+) -> None:
+    message = link.send("act on me", task_id=sent)
+    with pytest.raises(SignatureError):
+        link.receive(message, task_id=relabelled)
+    assert link.b.last_recv_seq == 0 and len(link.b_validator.nonces(link.b)) == 0
+    assert link.receive(message, task_id=sent) == "act on me"
+
+
+def test_a_copy_that_fails_to_open_does_not_spend_the_genuine_messages_nonce(link: Link) -> None:
+    """Replay state is committed only once the payload opened. Natively a copy that passes
+    the MAC but not the AEAD needs the key (the MAC covers the ciphertext's digest), so this
+    is defence in depth; the go profile's unkeyed payload makes it an attack there."""
+    message = link.send("genuine")
+    flipped = message.ciphertext[:-1] + bytes([message.ciphertext[-1] ^ 1])
+    with pytest.raises(CryptoError):
+        link.receive(resign(link.a, dataclasses.replace(message, ciphertext=flipped)))
+    assert link.b.message_count == 0 and link.b.last_recv_seq == 0
+    assert link.receive(message) == "genuine"
+    with pytest.raises(ReplayError):
+        link.receive(message)
 
 
 def test_replay_is_refused(link: Link) -> None:
@@ -426,7 +484,7 @@ def test_replay_state_is_the_sessions_own_and_bounded_by_its_message_limit(clock
     for index, message in enumerate(messages):
         assert link.receive(message) == f"m{index}"
     cache = link.b_validator.nonces(link.b)
-    assert cache is link.b.replays and cache.max_size == 4 and len(cache) == 3
+    assert cache is link.b.replays.nonces and cache.max_size == 4 and len(cache) == 3
     assert link.b_validator.validate_nonce(link.b, messages[0]) is NonceStatus.INVALID
     with pytest.raises(ReplayError):
         link.receive(messages[2])
@@ -444,8 +502,8 @@ def test_one_sessions_flood_cannot_refuse_another_sessions_messages(clock) -> No
     ahead = clock.ns + int((TIMESTAMP_TOLERANCE - 1) * 1e9)
     for i in range(2_000):
         attacker.receive(attacker.send("flood", now_ns=ahead + i))
-    attacker.b.replays.max_size = 1_000  # and even if its own cache had to evict
+    attacker.b.replays.nonces.max_size = 1_000  # and even if its own cache had to evict
     for i in range(1_500):
         attacker.receive(attacker.send("flood", now_ns=ahead + 10_000 + i))
-    assert attacker.b.replays.floor * 1e9 > clock.ns  # its floor moved into the future
+    assert attacker.b.replays.nonces.floor * 1e9 > clock.ns  # its floor moved into the future
     assert victim.receive(victim.send("fresh", now_ns=clock.ns)) == "fresh"

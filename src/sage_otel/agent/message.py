@@ -3,17 +3,25 @@
 Two envelopes exist, one per :class:`~.session.PeerProfile` of the session:
 
 * native: every message carries a random 16-byte nonce, a timestamp and a sequence number.
-  The covered metadata (method, path, context id, content digest, nonce, timestamp,
-  sequence, type) is signed with HMAC-SHA256 under the sender's directional signing key,
-  and the payload is sealed with ChaCha20-Poly1305 bound to them as associated data. The
-  receiver checks, in order: signature, timestamp tolerance, nonce freshness (replay),
-  sequence order, then marks the nonce seen and opens the payload.
+  Every field that selects what the receiver does is signed with HMAC-SHA256 under the
+  sender's directional signing key: method, path, context id, task id (message or close),
+  content digest, nonce, timestamp, sequence and type. The payload is sealed with
+  ChaCha20-Poly1305 bound to context, task, sequence, nonce and type as associated data.
+  The receiver checks, in order: signature, timestamp tolerance, nonce freshness (replay),
+  sequence order, then opens the payload.
 * go: the SAGE Go reference's envelope. The MAC covers the RFC 9421 signature base of
   ``"@method" "@path" "x-sage-did" "x-sage-message-id" "x-sage-context-id"
   "x-sage-task-id"`` with ``keyid``, ``alg`` and ``created``; the payload is sealed without
   associated data. The MAC key is the sender's directional signing key, never the all-zero
   key the reference uses. The receiver checks the MAC, ``created`` against the tolerance,
-  and the message id as the nonce (replay); the envelope has no sequence number.
+  the message id as the nonce (replay) and the AEAD nonce as a ciphertext never accepted
+  before in the session (see :meth:`MessageValidator.open_go`); the envelope has no
+  sequence number.
+
+In both profiles replay state (nonce, sequence, AEAD nonce) is checked before the payload is
+opened but recorded only once it has opened: a copy tampered in transit is refused without
+spending the genuine message's nonce. Checks and commit run in one synchronous call, so on
+the agent's single event loop two copies delivered at once cannot both pass.
 """
 
 from __future__ import annotations
@@ -30,15 +38,17 @@ from functools import cached_property
 from typing import Protocol
 
 from .encoding import b64url, format_rfc3339, from_b64std, from_b64url, parse_rfc3339
+from .envelope import MESSAGE_TASK
 from .errors import (
     InvalidMessageError,
     ReplayError,
     SequenceError,
+    SessionExpiredError,
     SignatureError,
     TimestampSkewError,
 )
-from .replay import NonceCache, NonceStatus
-from .session import PeerProfile, Session
+from .replay import NonceCache, NonceStatus, SessionReplays
+from .session import AEAD_NONCE_SIZE, PeerProfile, Session
 
 NONCE_SIZE = 16
 TIMESTAMP_TOLERANCE = 30.0
@@ -135,18 +145,25 @@ class SecureMessage:
 
 def signature_params(message: SecureMessage) -> str:
     covered = (
-        '"@method" "@path" "x-sage-context-id" "content-digest" "sage-seq" "sage-nonce" '
-        '"sage-type" "sage-timestamp"'
+        '"@method" "@path" "x-sage-context-id" "x-sage-task-id" "content-digest" "sage-seq" '
+        '"sage-nonce" "sage-type" "sage-timestamp"'
     )
     return f'sig1=({covered});created={message.timestamp_ns // 1_000_000_000};alg="hmac-sha256"'
 
 
-def signature_base(message: SecureMessage, method: str, path: str) -> bytes:
-    """The RFC 9421 signature base: one covered component a line, params last."""
+def signature_base(
+    message: SecureMessage, method: str, path: str, task_id: str = MESSAGE_TASK
+) -> bytes:
+    """The RFC 9421 signature base: one covered component a line, params last.
+
+    ``task_id`` is covered because it selects the action (deliver or close): without it an
+    on-path attacker could relabel a message as a close, or a close as a message.
+    """
     return (
         f'"@method": {method}\n'
         f'"@path": {path}\n'
         f'"x-sage-context-id": {message.session_id}\n'
+        f'"x-sage-task-id": {task_id}\n'
         f'"content-digest": {message.content_digest}\n'
         f'"sage-seq": {message.seq}\n'
         f'"sage-nonce": {b64url(message.nonce)}\n'
@@ -156,8 +173,16 @@ def signature_base(message: SecureMessage, method: str, path: str) -> bytes:
     ).encode()
 
 
-def _aad(session_id: str, seq: int, nonce: bytes, mtype: MessageType) -> bytes:
-    return b"%s|%d|%s|%s" % (session_id.encode(), seq, nonce, mtype.value.encode())
+def _aad(session_id: str, task_id: str, seq: int, nonce: bytes, mtype: MessageType) -> bytes:
+    # Redundant with the signature (which covers the ciphertext's digest), so that the AEAD
+    # alone would also refuse a ciphertext moved to another session, task or position.
+    return b"%s|%s|%d|%s|%s" % (
+        session_id.encode(),
+        task_id.encode(),
+        seq,
+        nonce,
+        mtype.value.encode(),
+    )
 
 
 def seal(
@@ -167,18 +192,20 @@ def seal(
     method: str = "POST",
     path: str = "/messages",
     now_ns: int | None = None,
+    task_id: str = MESSAGE_TASK,
 ) -> SecureMessage:
-    """Encrypt and sign ``data`` for the session's peer; text is sent as UTF-8."""
+    """Encrypt and sign ``data`` for the session's peer, under ``task_id`` (message, close,
+    or for a reply the request's); text is sent as UTF-8."""
     mtype = MessageType.TEXT if isinstance(data, str) else MessageType.BINARY
     plaintext = data.encode() if isinstance(data, str) else data
     seq = session.next_send_seq
     session.next_send_seq = seq + 1
     nonce = os.urandom(NONCE_SIZE)
-    ciphertext = session.encrypt(plaintext, _aad(session.id, seq, nonce, mtype))
+    ciphertext = session.encrypt(plaintext, _aad(session.id, task_id, seq, nonce, mtype))
     unsigned = SecureMessage(
         session.id, seq, nonce, time.time_ns() if now_ns is None else now_ns, mtype, ciphertext, b""
     )
-    signature = session.sign(signature_base(unsigned, method, path))
+    signature = session.sign(signature_base(unsigned, method, path, task_id))
     return replace(unsigned, signature=signature)
 
 
@@ -279,7 +306,14 @@ def _parse_go_metadata(session: Session, metadata: object) -> int:
 
 
 class MessageValidator:
-    """Checks inbound messages in the protocol's order and opens them."""
+    """Checks inbound messages in the protocol's order and opens them.
+
+    Every ``open*`` checks replay state first (cheap refusals), then opens the payload, and
+    only then records the message as seen (:func:`_accept`): the check and the commit run
+    in one synchronous call with no ``await`` between them, so on the agent's event loop
+    two copies of one message can never both pass, and a copy that fails to open leaves
+    the genuine message acceptable.
+    """
 
     def __init__(
         self,
@@ -291,18 +325,23 @@ class MessageValidator:
         self.clock = clock
         self.nonce_ttl = nonce_ttl
 
-    def nonces(self, session: Session) -> NonceCache:
+    def replays(self, session: Session) -> SessionReplays:
         """The session's own replay state, bounded by its message limit.
 
-        A session accepts at most ``max_messages`` messages, so its cache never has to
-        evict; if it ever did, the raised floor would refuse only this session's input.
+        A session accepts at most ``max_messages`` messages, so its caches never have to
+        evict; if the nonce cache ever did, the raised floor would refuse only this
+        session's input.
         """
-        cache = session.replays
-        if cache is None:
-            cache = session.replays = NonceCache(
-                self.nonce_ttl, session.limits.max_messages, self.clock
+        state = session.replays
+        if not isinstance(state, SessionReplays):
+            state = session.replays = SessionReplays(
+                NonceCache(self.nonce_ttl, session.limits.max_messages, self.clock)
             )
-        return cache
+        return state
+
+    def nonces(self, session: Session) -> NonceCache:
+        """The session's message nonce (or go message id) cache."""
+        return self.replays(session).nonces
 
     def validate_nonce(self, session: Session, message: SecureMessage) -> NonceStatus:
         """Whether ``message``'s nonce is fresh in ``session``, without marking it seen."""
@@ -317,12 +356,14 @@ class MessageValidator:
         method: str = "POST",
         path: str = "/messages",
         envelope: EnvelopeFields | None = None,
+        task_id: str = MESSAGE_TASK,
     ) -> str | bytes:
         """Process one inbound message as it arrived: parse it, then open it.
 
         This is the unit of message processing: a message refused while parsing (bad
         metadata, content digest mismatch) is a failed message like any other. The
-        session's profile decides the envelope; go-profile messages need ``envelope``.
+        session's profile decides the envelope; go-profile messages need ``envelope`` (its
+        MAC covers the envelope's task id), native ones are verified under ``task_id``.
         """
         if session.profile is PeerProfile.GO:
             if envelope is None:
@@ -331,7 +372,7 @@ class MessageValidator:
                 )
             return self.open_go(session, payload, metadata, envelope, method=method, path=path)
         message = SecureMessage.from_wire(session.id, payload, metadata)
-        return self.open(session, message, method=method, path=path)
+        return self.open(session, message, method=method, path=path, task_id=task_id)
 
     def open_go(
         self,
@@ -343,7 +384,16 @@ class MessageValidator:
         method: str = "POST",
         path: str = "/messages",
     ) -> bytes:
-        """Verify, replay-check and open a go-profile message; see the module docstring."""
+        """Verify, replay-check and open a go-profile message; see the module docstring.
+
+        The reference's MAC covers no payload and its AEAD has no associated data (a defect
+        of SAGE Go v1.5.2's wire format, kept for interoperability): an on-path attacker can
+        put an earlier ciphertext under a fresh, validly MACed envelope. The AEAD nonce (the
+        first 12 bytes of the sealed payload) is therefore remembered for the session's
+        life, and a ciphertext whose nonce was already accepted is refused 409
+        ``ciphertext_replayed``. This leaves what the wire cannot express: a ciphertext
+        never delivered on its own can still arrive under another message's envelope.
+        """
         created = _parse_go_metadata(session, metadata)
         if not 0 < len(envelope.id) <= MAX_MESSAGE_ID:
             raise InvalidMessageError("message id missing or too long", code="bad_metadata")
@@ -355,15 +405,16 @@ class MessageValidator:
         session.verify(base, envelope.signature)
         if abs(created - self.clock()) > self.tolerance:
             raise TimestampSkewError("timestamp outside tolerance")
-        nonces, key = self.nonces(session), envelope.id.encode()
-        status = nonces.check(key, float(created))
-        if status is NonceStatus.INVALID:
-            raise ReplayError("message id already seen")
-        if status is NonceStatus.EXPIRED:
-            raise TimestampSkewError("nonce window expired", code="nonce_expired")
-        nonces.mark(key, float(created))
-        session.note_received()
-        return session.decrypt(sealed, b"")
+        replays, key = self.replays(session), envelope.id.encode()
+        _check_nonce(replays.nonces.check(key, float(created)), "message id already seen")
+        aead_nonce = sealed[:AEAD_NONCE_SIZE]
+        if aead_nonce in replays.sealed:
+            raise ReplayError("ciphertext already accepted", code="ciphertext_replayed")
+        _refuse_if_ended(session)
+        plaintext = session.decrypt(sealed, b"")
+        _accept(session, replays.nonces, key, float(created))
+        replays.sealed.add(aead_nonce)  # bounded: one per accepted message, max_messages
+        return plaintext
 
     def open(
         self,
@@ -372,25 +423,47 @@ class MessageValidator:
         *,
         method: str = "POST",
         path: str = "/messages",
+        task_id: str = MESSAGE_TASK,
     ) -> str | bytes:
-        session.verify(signature_base(message, method, path), message.signature)
+        """Verify, replay-check and open a native message sent under ``task_id``."""
+        session.verify(signature_base(message, method, path, task_id), message.signature)
         sent_at = message.timestamp_ns / 1e9
         if abs(sent_at - self.clock()) > self.tolerance:
             raise TimestampSkewError("timestamp outside tolerance")
         nonces, key = self.nonces(session), message.nonce
-        status = nonces.check(key, sent_at)
-        if status is NonceStatus.INVALID:
-            raise ReplayError("nonce already seen")
-        if status is NonceStatus.EXPIRED:
-            raise TimestampSkewError("nonce window expired", code="nonce_expired")
+        _check_nonce(nonces.check(key, sent_at), "nonce already seen")
         if message.seq <= session.last_recv_seq:
             raise SequenceError("sequence number not increasing")
-        nonces.mark(key, sent_at)
-        session.last_recv_seq = message.seq
-        session.note_received()
+        _refuse_if_ended(session)
         plaintext = session.decrypt(
-            message.ciphertext, _aad(message.session_id, message.seq, message.nonce, message.type)
+            message.ciphertext,
+            _aad(message.session_id, task_id, message.seq, message.nonce, message.type),
         )
+        _accept(session, nonces, key, sent_at)
+        session.last_recv_seq = message.seq
         return (
             plaintext.decode("utf-8", "replace") if message.type is MessageType.TEXT else plaintext
         )
+
+
+def _check_nonce(status: NonceStatus, replayed: str) -> None:
+    if status is NonceStatus.INVALID:
+        raise ReplayError(replayed)
+    if status is NonceStatus.EXPIRED:
+        raise TimestampSkewError("nonce window expired", code="nonce_expired")
+
+
+def _refuse_if_ended(session: Session) -> None:
+    """Refuse before decrypting, since decrypting refreshes the idle clock."""
+    reason = session.expired_reason()
+    if reason is not None:
+        raise SessionExpiredError(f"session ended: {reason.value}")
+
+
+def _accept(session: Session, nonces: NonceCache, key: bytes, timestamp: float) -> None:
+    """Commit an opened message: count it against the session's limits, then mark it seen.
+
+    Called only after the payload opened, with no ``await`` since the checks.
+    """
+    session.note_received()
+    nonces.mark(key, timestamp)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -123,3 +124,17 @@ class ScopedNonceCaches:
         now = self.clock()
         for key in [k for k, c in self._caches.items() if c.empty_at(now)]:
             del self._caches[key]
+
+
+@dataclass
+class SessionReplays:
+    """One session's inbound replay state, dropped with the session.
+
+    ``nonces``: message nonces (native) or message ids (go), within the TTL. ``sealed``: the
+    AEAD nonces of go-profile ciphertexts accepted, for the session's whole life (a swapped-in
+    old ciphertext comes under a fresh envelope, so no TTL may forget it). Both grow by one
+    per accepted message only, so the session's message limit bounds them.
+    """
+
+    nonces: NonceCache
+    sealed: set[bytes] = field(default_factory=set)
