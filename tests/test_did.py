@@ -374,3 +374,60 @@ async def test_file_registry_is_shared_between_processes(tmp_path) -> None:
     assert await second.lookup(a.did) == doc_a
     assert await first.lookup(b.did) == doc_b
     assert await JsonFileRegistry(path).lookup(a.did) == doc_a
+
+
+async def test_json_file_registry_keeps_signatures_and_reverifies_only_new_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sage_otel.agent import did as did_module
+
+    checks: list[DID] = []
+    original = did_module.check_registration
+
+    def counting(document: DIDDocument, signature: bytes) -> None:
+        checks.append(document.did)
+        original(document, signature)
+
+    monkeypatch.setattr(did_module, "check_registration", counting)
+    path = tmp_path / "registry.json"
+    writer = JsonFileRegistry(path)
+    docs = [await register(writer, AgentIdentity.generate(c)) for c in (Chain.SOLANA,) * 3]
+    stored = json.loads(path.read_text())
+    assert stored["version"] == 2 and all(entry["signature"] for entry in stored["documents"])
+
+    checks.clear()
+    reader = JsonFileRegistry(path)
+    assert sorted(map(str, checks)) == sorted(str(d.did) for d in docs)  # each verified on load
+    checks.clear()
+    late = await register(writer, AgentIdentity.generate(Chain.ETHEREUM))
+    checks.clear()
+    assert await reader.lookup(late.did) == late
+    assert checks == [late.did]  # the re-read verified only the new entry
+
+
+async def test_json_file_registry_refuses_an_older_unsigned_file(tmp_path: Path) -> None:
+    from sage_otel.agent.did import RegistryFileError
+
+    path = tmp_path / "registry.json"
+    path.write_text(
+        json.dumps({"documents": [document(AgentIdentity.generate(Chain.SOLANA)).to_json()]})
+    )
+    with pytest.raises(RegistryFileError, match="move it aside and let every agent register again"):
+        JsonFileRegistry(path)
+    path.write_text(json.dumps({"documents": []}))  # nothing to verify: usable
+    assert await JsonFileRegistry(path).lookup(AgentIdentity.generate(Chain.SOLANA).did) is None
+
+
+async def test_json_file_registry_skips_entries_that_do_not_verify(tmp_path: Path) -> None:
+    path = tmp_path / "registry.json"
+    good = await register(JsonFileRegistry(path), AgentIdentity.generate(Chain.SOLANA))
+    lines = path.read_bytes().split(b"\n")
+    lines.insert(1, b'{"did": "junk"},')
+    lines.insert(1, b"not json at all,")
+    unsigned = document(AgentIdentity.generate(Chain.ETHEREUM)).to_json()
+    lines.insert(1, json.dumps(unsigned).encode() + b",")
+    path.write_bytes(b"\n".join(lines))
+    registry = JsonFileRegistry(path)
+    assert registry.refused == 3
+    assert await registry.lookup(good.did) == good
+    assert await registry.lookup(DIDDocument.from_json(unsigned).did) is None

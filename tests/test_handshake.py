@@ -525,3 +525,41 @@ async def test_handshake_replay_state_is_scoped_to_the_sender(
 
 def _args(request) -> tuple[str, bytes, bytes]:
     return request.init_did, request.payload, request.signature
+
+
+def test_the_global_limiter_keeps_a_reserve_for_established_peers() -> None:
+    from sage_otel.agent.errors import RateLimitedError
+    from sage_otel.agent.handshake import GlobalHandshakeLimiter
+
+    now = [0.0]
+    limiter = GlobalHandshakeLimiter("10/second", new_peer_share=0.5, clock=lambda: now[0])
+    for _ in range(5):
+        limiter.hit(newcomer=True)
+    with pytest.raises(RateLimitedError) as info:
+        limiter.hit(newcomer=True)
+    assert info.value.code == "global_handshake_rate" and info.value.http_status == 429
+    assert info.value.retry_after == 1
+    for _ in range(5):
+        limiter.hit(newcomer=False)  # the reserve
+    with pytest.raises(RateLimitedError):
+        limiter.hit(newcomer=False)
+    now[0] += 0.1  # one token: established peers first
+    with pytest.raises(RateLimitedError):
+        limiter.hit(newcomer=True)
+    limiter.hit(newcomer=False)
+
+
+def test_the_address_limiter_counts_addresses_not_loopback() -> None:
+    from sage_otel.agent.errors import RateLimitedError
+    from sage_otel.agent.handshake import AddressLimiter
+
+    limiter = AddressLimiter("2/minute")
+    limiter.hit("2001:db8::1")
+    limiter.hit("2001:db8::2")
+    with pytest.raises(RateLimitedError) as info:
+        limiter.hit("2001:db8::3")  # one /64
+    assert info.value.code == "address_rate_limited"
+    limiter.hit("198.51.100.4")
+    for _ in range(5):
+        limiter.hit("127.0.0.1")
+        limiter.hit("")

@@ -266,3 +266,99 @@ def test_close_all(clock) -> None:
 def test_default_limits_are_the_reference_defaults() -> None:
     limits = SessionLimits()
     assert (limits.max_age, limits.idle_timeout, limits.max_messages) == (3600.0, 600.0, 1000)
+
+
+def _fill(manager: SessionManager, peer: str, count: int, source: str = "") -> list[Session]:
+    return [
+        manager.create(
+            os.urandom(8).hex(),
+            Role.RESPONDER,
+            os.urandom(32),
+            peer_did=peer,
+            kid="k",
+            source=source,
+        )
+        for _ in range(count)
+    ]
+
+
+def test_a_full_table_evicts_the_longest_idle_session_of_the_biggest_holder(clock) -> None:
+    manager = SessionManager(clock=clock, max_sessions=6, new_peer_share=1.0)
+    (lone,) = _fill(manager, "did:lone", 1)
+    greedy = _fill(manager, "did:greedy", 5)
+    clock.advance(1)
+    for session in greedy[1:]:
+        session.note_received()  # greedy[0] is now its longest idle
+    (newcomer,) = _fill(manager, "did:new", 1)
+    assert greedy[0].end_reason is EndReason.EVICTED and greedy[0].closed
+    assert not lone.closed and manager.active_count == 6
+    # A lone session is never evicted for someone else: a newcomer is refused 429
+    # (newcomers hold the table), so is a peer at its fair share; 503 only for no room.
+    small = SessionManager(clock=clock, max_sessions=2, new_peer_share=1.0)
+    _fill(small, "did:a", 1)
+    _fill(small, "did:b", 1)
+    with pytest.raises(SageError) as info:
+        _fill(small, "did:c", 1)
+    assert info.value.code == "new_peer_share" and info.value.http_status == 429
+    with pytest.raises(SageError) as info:
+        _fill(small, "did:a", 1)
+    assert info.value.code == "session_capacity" and info.value.http_status == 429
+    with pytest.raises(SageError) as info:
+        _fill(SessionManager(clock=clock, max_sessions=0), "did:a", 1)
+    assert info.value.code == "session_capacity" and info.value.http_status == 503
+    assert newcomer.peer_did == "did:new"
+
+
+def test_newcomers_hold_at_most_their_share_of_the_table(clock) -> None:
+    manager = SessionManager(clock=clock, max_sessions=10, new_peer_share=0.5)
+    established = _fill(manager, "did:old", 1)
+    for n in range(4):
+        _fill(manager, f"did:fresh-{n}", 1)
+    with pytest.raises(SageError) as info:
+        _fill(manager, "did:fresh-5", 1)
+    assert info.value.code == "new_peer_share" and info.value.http_status == 429
+    _fill(manager, "did:old", 5)  # a peer that holds a session is not a newcomer
+    assert manager.active_count == 10 and not established[0].closed
+    assert not manager.is_established("did:old")
+    clock.advance(60)
+    assert manager.is_established("did:old") and not manager.is_established("did:fresh-5")
+
+
+def test_newcomers_from_one_address_make_room_for_others(clock) -> None:
+    manager = SessionManager(clock=clock, max_sessions=8, new_peer_share=0.5)
+    crowd = [_fill(manager, f"did:bot-{n}", 1, "203.0.113.9")[0] for n in range(4)]
+    (other,) = _fill(manager, "did:elsewhere", 1, "198.51.100.4")
+    assert sum(s.end_reason is EndReason.EVICTED for s in crowd) == 1 and not other.closed
+
+
+def test_sessions_per_address(clock) -> None:
+    manager = SessionManager(clock=clock, max_sessions_per_address=2)
+    _fill(manager, "did:a", 1, "2001:db8::1")
+    _fill(manager, "did:b", 1, "2001:db8::2")  # the same /64
+    with pytest.raises(SageError) as info:
+        _fill(manager, "did:c", 1, "2001:db8::3")
+    assert info.value.code == "address_session_limit" and info.value.http_status == 429
+    _fill(manager, "did:c", 1, "2001:db8:0:1::3")
+    _fill(manager, "did:d", 3, "127.0.0.1")  # loopback is not counted
+    off = SessionManager(clock=clock, max_sessions_per_address=0)
+    _fill(off, "did:e", 5, "203.0.113.9")
+    assert off.active_count == 5
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        ("2001:db8::1", "2001:db8::/64"),
+        ("2001:db8:0:0:ffff::1", "2001:db8::/64"),
+        ("127.0.0.1", None),
+        ("::1", None),
+        ("", None),
+        ("testclient", None),
+    ],
+)
+def test_address_key(source: str, key: str | None) -> None:
+    from sage_otel.agent.session import address_key
+
+    assert address_key(source) == key

@@ -1,26 +1,37 @@
 """DID documents, registries and the caching resolver.
 
 A registry stores documents; registration must be signed by the key the DID is derived
-from, so nobody can register someone else's DID. The resolver is what agents call: it
-caches positive answers for a TTL and refuses unknown and inactive agents.
+from, so nobody can register someone else's DID. The shared JSON file keeps each
+registration's signature with its document and checks both again whenever it reads the
+file, so whoever can write the file still cannot change a DID's keys. The resolver is what
+agents call: it caches positive answers for a TTL and refuses unknown and inactive agents.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
+import logging
+import math
 import os
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import identity as _identity
 from .encoding import b64url, from_b64url
-from .errors import InactiveAgentError, InvalidMessageError, RegistrationError, UnknownDIDError
+from .errors import (
+    InactiveAgentError,
+    InvalidMessageError,
+    RegistrationError,
+    SageError,
+    UnknownDIDError,
+)
 from .identity import DID, AgentIdentity, KeyType, key_matches_did, parse_did
 
 
@@ -97,6 +108,15 @@ def sign_registration(identity: AgentIdentity, document: DIDDocument) -> bytes:
     return identity.signing_key.sign(document.canonical_bytes())
 
 
+def check_registration(document: DIDDocument, signature: bytes) -> None:
+    """Raise unless ``document`` is signed by the key its DID is derived from."""
+    if not key_matches_did(document.did, document.key_type, document.public_key):
+        raise RegistrationError(
+            "DID is not derived from the document's key", code="did_key_mismatch"
+        )
+    document.verify(document.canonical_bytes(), signature)
+
+
 class Registry(ABC):
     """Where DID documents live: in memory, a JSON file, or (elsewhere) a chain."""
 
@@ -104,16 +124,12 @@ class Registry(ABC):
     async def lookup(self, did: DID) -> DIDDocument | None: ...
 
     @abstractmethod
-    async def _store(self, document: DIDDocument) -> None: ...
+    async def _store(self, document: DIDDocument, signature: bytes) -> None: ...
 
     async def register(self, document: DIDDocument, signature: bytes) -> None:
         """Store ``document`` if signed by the key its DID is derived from."""
-        if not key_matches_did(document.did, document.key_type, document.public_key):
-            raise RegistrationError(
-                "DID is not derived from the document's key", code="did_key_mismatch"
-            )
-        document.verify(document.canonical_bytes(), signature)
-        await self._store(document)
+        check_registration(document, signature)
+        await self._store(document, signature)
 
     async def deactivate(self, document: DIDDocument, signature: bytes) -> None:
         """Mark an agent inactive; ``document`` must have ``active=False`` and be signed."""
@@ -129,63 +145,268 @@ class InMemoryRegistry(Registry):
     async def lookup(self, did: DID) -> DIDDocument | None:
         return self._docs.get(did)
 
-    async def _store(self, document: DIDDocument) -> None:
+    async def _store(self, document: DIDDocument, signature: bytes) -> None:
         self._docs[document.did] = document
+
+
+FORMAT_VERSION = 2
+# One registration per line between these two, so the file is JSON and a re-read can tell
+# unchanged entries from new ones without parsing them.
+_HEADER = b'{"version": 2, "documents": ['
+_FOOTER = b"]}"
+_logger = logging.getLogger(__name__)
+
+
+class RegistryFileError(ValueError):
+    """The registry file cannot be read as one (not JSON, or an older unsigned format)."""
+
+
+@dataclass
+class _Snapshot:
+    """One reading of the file: its verified documents and what it took to get them."""
+
+    stamp: tuple[int, int, int]
+    documents: dict[DID, DIDDocument]
+    entries: dict[DID, bytes]  # each DID's verified entry as written, for the next write
+    verified: dict[bytes, DIDDocument | None]  # entry digest -> document, None if refused
+    refused: int
+    newly_refused: int  # refused entries not seen in the previous reading
+
+
+VERIFY_SLICE = 0.002  # seconds of verification between two turns of the event loop
 
 
 class JsonFileRegistry(Registry):
     """A registry persisted as one JSON file, shared by processes.
 
+    Each entry is a document with its registration ``signature``; every entry read from
+    the file is verified as a registration is (the DID derived from the key, the key's
+    signature over the document), and one that fails is skipped (counted in
+    :attr:`refused`, logged once), so a writer of the file cannot swap a DID's keys without
+    the DID's private key. Verified entries are remembered by content hash, so a re-read
+    verifies only what changed. A file of the older unsigned format is refused whole
+    (:class:`RegistryFileError`): its documents cannot be checked.
+
     Writes take an exclusive ``flock`` on ``<file>.lock``, re-read the file and replace it
-    atomically, so registrations from several processes are never lost; a lookup that
-    misses re-reads the file when it changed, so a DID another process registered is seen.
+    atomically (in a worker thread), so registrations from several processes are never
+    lost. A lookup that misses re-reads the file if it changed, so a DID another process
+    registered is seen. That re-read never stalls the event loop: the file is read in a
+    worker thread and its new entries verified on the loop in slices of 2 ms; one re-read
+    runs at a time, at most one per ``reread_interval`` seconds, and lookups that miss
+    meanwhile wait for the next one. (A file in another JSON layout, edited by hand, is
+    parsed whole in the thread, which holds the interpreter for that long; the next
+    registration writes it back one entry a line.)
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, reread_interval: float = 1.0) -> None:
         self.path = Path(path)
+        self.reread_interval = reread_interval
+        self.refused = 0  # entries of the file as last read that failed verification
         self._lock = asyncio.Lock()
         self._docs: dict[DID, DIDDocument] = {}
-        self._stamp: tuple[int, int] | None = None
-        self._reload()
+        self._verified: dict[bytes, DIDDocument | None] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._next: asyncio.Task[None] | None = None  # the re-read that lookups join
+        self._running: asyncio.Task[None] | None = None
+        self._last_reread = -math.inf
+        snapshot = self._read()
+        if snapshot is not None:
+            self._apply(snapshot)
 
-    def _reload(self) -> None:
+    def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
             stat = self.path.stat()
         except FileNotFoundError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def _read_file(self) -> tuple[tuple[int, int, int], list[bytes]] | None:
+        """The file's stamp and entries, or None if it is absent or unchanged."""
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return None
+        return stamp, _file_entries(self.path.read_bytes(), self.path)
+
+    def _verify(
+        self, stamp: tuple[int, int, int], entries: list[bytes]
+    ) -> Generator[None, None, _Snapshot]:
+        """Verify the entries not verified before, pausing (a ``yield``) every
+        :data:`VERIFY_SLICE` so that a caller on the event loop can let it serve."""
+        known = self._verified
+        documents: dict[DID, DIDDocument] = {}
+        by_did: dict[DID, bytes] = {}
+        verified: dict[bytes, DIDDocument | None] = {}
+        refused = newly_refused = 0
+        deadline = time.perf_counter() + VERIFY_SLICE
+        for entry in entries:
+            digest = hashlib.sha256(entry).digest()
+            if digest in known:
+                document = known[digest]
+            else:
+                document = _verified_entry(entry)
+                newly_refused += document is None
+            if time.perf_counter() >= deadline:
+                yield
+                deadline = time.perf_counter() + VERIFY_SLICE
+            verified[digest] = document
+            if document is None:
+                refused += 1
+            else:
+                documents[document.did] = document
+                by_did[document.did] = entry
+        return _Snapshot(stamp, documents, by_did, verified, refused, newly_refused)
+
+    def _read(self) -> _Snapshot | None:
+        """The file's verified content, read here and now (at start, and to write)."""
+        read = self._read_file()
+        if read is None:
+            return None
+        steps = self._verify(*read)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _apply(self, snapshot: _Snapshot) -> None:
+        if snapshot.newly_refused:
+            _logger.warning(
+                "registry %s: %d entries failed verification and are ignored",
+                self.path,
+                snapshot.refused,
+            )
+        self._docs, self._verified = snapshot.documents, snapshot.verified
+        self._stamp, self.refused = snapshot.stamp, snapshot.refused
+
+    async def _reread(self) -> None:
+        """Read in a worker thread, verify on the loop in slices; a file that cannot be
+        read keeps what was known (and is reported once)."""
+        try:
+            read = await asyncio.to_thread(self._read_file)
+        except (OSError, RegistryFileError) as error:
+            stamp = self._file_stamp()
+            if stamp != self._stamp:
+                _logger.warning("registry %s: not re-read: %s", self.path, error)
+            self._stamp = stamp
             return
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._stamp:
+        if read is None:
             return
-        raw = json.loads(self.path.read_text() or "{}")
-        docs = {}
-        for entry in raw.get("documents", []):
-            doc = DIDDocument.from_json(entry)
-            docs[doc.did] = doc
-        self._docs, self._stamp = docs, stamp
+        steps = self._verify(*read)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                self._apply(done.value)
+                return
+            await asyncio.sleep(0)
 
     async def lookup(self, did: DID) -> DIDDocument | None:
         document = self._docs.get(did)
-        if document is None:
-            self._reload()
+        if document is None and self._file_stamp() != self._stamp:
+            await self._refresh()
             document = self._docs.get(did)
         return document
 
-    async def _store(self, document: DIDDocument) -> None:
+    async def _refresh(self) -> None:
+        """Join the next re-read, scheduling it if none is: one runs at a time, each at
+        least ``reread_interval`` after the previous one started."""
+        loop = asyncio.get_running_loop()
+        pending = self._next
+        if pending is None or pending.done() or pending.get_loop() is not loop:
+            pending = self._next = loop.create_task(self._reread_after(self._running))
+        await asyncio.shield(pending)
+
+    async def _reread_after(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None and previous.get_loop() is asyncio.get_running_loop():
+            await asyncio.wait([previous])
+        delay = self._last_reread + self.reread_interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # From here on, lookups that miss schedule the following re-read: this one may
+        # already have read the file past what they are looking for.
+        self._next, self._running = None, asyncio.current_task()
+        self._last_reread = time.monotonic()
+        try:
+            await self._reread()
+        finally:
+            if self._running is asyncio.current_task():
+                self._running = None
+
+    async def _store(self, document: DIDDocument, signature: bytes) -> None:
         async with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(f"{self.path}.lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                self._stamp = None
-                self._reload()
-                self._docs[document.did] = document
-                payload = json.dumps(
-                    {"documents": [d.to_json() for d in self._docs.values()]}, indent=2
-                )
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-")
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(payload)
-                os.replace(tmp, self.path)
-                self._stamp = None
+            await asyncio.to_thread(self._write, document, signature)
+
+    def _write(self, document: DIDDocument, signature: bytes) -> None:
+        """Add one verified registration under the file lock (in a worker thread)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._stamp = None
+            snapshot = self._read()
+            if snapshot is not None:
+                self._apply(snapshot)
+            entries = dict(snapshot.entries) if snapshot is not None else {}
+            entries[document.did] = registration_entry(document, signature)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(registry_file_bytes(entries.values()))
+            os.replace(tmp, self.path)
+            # A re-read on the loop may apply an older reading meanwhile: it leaves the
+            # stamp behind, and the next miss reads the file again.
+            self._docs = {**self._docs, document.did: document}
+            self._stamp = None
+
+
+def registration_entry(document: DIDDocument, signature: bytes) -> bytes:
+    """One registration as the file holds it: the document's fields and ``signature``."""
+    entry = {**document.to_json(), "signature": b64url(signature)}
+    return json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+
+
+def registry_file_bytes(entries: Iterable[bytes]) -> bytes:
+    """A registry file as :class:`JsonFileRegistry` writes it: JSON, one entry a line."""
+    return b"%s\n%s\n%s\n" % (_HEADER, b",\n".join(entries), _FOOTER)
+
+
+def _file_entries(data: bytes, path: Path) -> list[bytes]:
+    """The registrations in a registry file, each as bytes to hash and verify.
+
+    A file as :class:`JsonFileRegistry` writes it is split by lines, without parsing;
+    anything else that is JSON (edited by hand, re-indented) is parsed whole.
+    """
+    lines = data.rstrip(b"\n").split(b"\n")
+    if len(lines) >= 2 and lines[0] == _HEADER and lines[-1] == _FOOTER:
+        return [line.removesuffix(b",") for line in lines[1:-1] if line]
+    if not data.strip():
+        return []
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise RegistryFileError(f"{path}: not a JSON registry file") from exc
+    documents = raw.get("documents", []) if isinstance(raw, dict) else None
+    if not isinstance(documents, list):
+        raise RegistryFileError(f"{path}: not a JSON registry file")
+    if documents and raw.get("version") != FORMAT_VERSION:
+        raise RegistryFileError(
+            f"{path} holds DID documents without registration signatures (written before "
+            "sage-otel verified them): move it aside and let every agent register again"
+        )
+    return [
+        json.dumps(entry, sort_keys=True, separators=(",", ":")).encode() for entry in documents
+    ]
+
+
+def _verified_entry(entry: bytes) -> DIDDocument | None:
+    """The document of one entry if its registration signature holds, else None."""
+    try:
+        data = json.loads(entry)
+        if not isinstance(data, dict):
+            return None
+        document = DIDDocument.from_json(data)
+        check_registration(document, from_b64url(data.get("signature"), "signature"))
+    except (SageError, ValueError, TypeError, RecursionError):
+        return None
+    return document
 
 
 @dataclass

@@ -54,6 +54,7 @@ class Envelope:
     metadata: dict[str, str]
     raw_payload: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    source: str = ""  # the sender's network address, as the server saw it (per-address limits)
 
 
 def parse_envelope(body: bytes, headers: Mapping[str, str] | None = None) -> Envelope:

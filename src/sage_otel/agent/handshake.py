@@ -43,7 +43,7 @@ from .keyschedule import (
     x25519_e2e,
 )
 from .replay import NonceStatus, ScopedNonceCaches
-from .session import PeerProfile, Role, Session, SessionManager
+from .session import PeerProfile, Role, Session, SessionManager, address_key
 
 TASK = "hpke/complete@v1"
 VERSION = "v1"
@@ -239,6 +239,21 @@ class Initiator:
 
 
 _PER = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+GLOBAL_HANDSHAKE_RATE = "200/second"
+ADDRESS_HANDSHAKE_RATE = "100/second"
+
+
+def parse_rate(rate: str) -> tuple[float, float]:
+    """``"<n>/second|minute|hour"`` as (burst, tokens per second); ValueError otherwise."""
+    count, _, unit = rate.partition("/")
+    try:
+        burst = float(count)
+        per_second = burst / _PER[unit.strip()]
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"rate must be '<n>/second|minute|hour', not {rate!r}") from exc
+    if not (burst > 0 and per_second < float("inf")):
+        raise ValueError(f"rate must be a positive number per unit, not {rate!r}")
+    return burst, per_second
 
 
 class HandshakeLimiter:
@@ -251,18 +266,16 @@ class HandshakeLimiter:
     the in-memory backends considered start a timer thread per expiry, on the hot path.
     """
 
+    code = "handshake_rate_limited"
+    refusal = "handshake rate limit for this peer"
+
     def __init__(
         self,
         rate: str = "50/second",
         clock: Callable[[], float] = time.monotonic,
         max_peers: int = 100_000,
     ) -> None:
-        count, _, unit = rate.partition("/")
-        try:
-            self.burst = float(count)
-            self.per_second = self.burst / _PER[unit.strip()]
-        except (ValueError, KeyError) as exc:
-            raise ValueError(f"rate must be '<n>/second|minute|hour', not {rate!r}") from exc
+        self.burst, self.per_second = parse_rate(rate)
         self.clock = clock
         self.max_peers = max_peers
         self._buckets: dict[object, tuple[float, float]] = {}
@@ -274,13 +287,69 @@ class HandshakeLimiter:
         if tokens < 1.0:
             self._buckets[did] = (tokens, now)
             raise RateLimitedError(
-                "handshake rate limit for this peer",
-                code="handshake_rate_limited",
-                retry_after=(1.0 - tokens) / self.per_second,
+                self.refusal, code=self.code, retry_after=(1.0 - tokens) / self.per_second
             )
         self._buckets[did] = (tokens - 1.0, now)
         if len(self._buckets) > self.max_peers:
             del self._buckets[next(iter(self._buckets))]
+
+
+class AddressLimiter(HandshakeLimiter):
+    """A token bucket per source address (an IPv6 /64 as one), checked after the per-DID
+    one: many DIDs from one host share one allowance. Sources :func:`address_key` does not
+    count (loopback, none) pass."""
+
+    code = "address_rate_limited"
+    refusal = "handshake rate limit for this address"
+
+    def __init__(
+        self,
+        rate: str = ADDRESS_HANDSHAKE_RATE,
+        clock: Callable[[], float] = time.monotonic,
+        max_peers: int = 100_000,
+    ) -> None:
+        super().__init__(rate, clock, max_peers)
+
+    def hit(self, did: object) -> None:  # ``did`` is the source address here
+        key = address_key(did) if isinstance(did, str) else None
+        if key is not None:
+            super().hit(key)
+
+
+class GlobalHandshakeLimiter:
+    """One token bucket for every handshake this process answers, whoever sends it.
+
+    Bounds the rate at which sessions can be created at all, whatever the number of DIDs
+    and addresses. Newcomers may spend only the top ``new_peer_share`` of the bucket; the
+    rest is kept for established peers (holding a session for a minute or more, see
+    :meth:`SessionManager.is_established`), so a flood of fresh DIDs cannot lock them out
+    (beyond it: 429 ``global_handshake_rate`` with Retry-After).
+    """
+
+    def __init__(
+        self,
+        rate: str = GLOBAL_HANDSHAKE_RATE,
+        new_peer_share: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst, self.per_second = parse_rate(rate)
+        self.newcomer_floor = self.burst * (1.0 - new_peer_share)
+        self.clock = clock
+        self._tokens, self._last = self.burst, clock()
+
+    def hit(self, *, newcomer: bool) -> None:
+        now = self.clock()
+        tokens = min(self.burst, self._tokens + (now - self._last) * self.per_second)
+        self._last = now
+        floor = self.newcomer_floor if newcomer else 0.0
+        if tokens - 1.0 < floor:
+            self._tokens = tokens
+            raise RateLimitedError(
+                "handshake rate limit of this server",
+                code="global_handshake_rate",
+                retry_after=(floor + 1.0 - tokens) / self.per_second,
+            )
+        self._tokens = tokens - 1.0
 
 
 class Responder:
@@ -293,7 +362,12 @@ class Responder:
         clock=time.time,
         entropy: Entropy = SYSTEM,
         limiter: HandshakeLimiter | None = None,
+        *,
+        address_limiter: AddressLimiter | None = None,
+        global_limiter: GlobalHandshakeLimiter | None = None,
     ) -> None:
+        """``limiter`` (per DID) defaults to 50/second; the per-address and global limits
+        apply only when given (:class:`~.server_agent.ServerAgent` gives both)."""
         self.identity = identity
         self.resolver = resolver
         self.sessions = sessions
@@ -301,6 +375,8 @@ class Responder:
         self.clock = clock
         self.entropy = entropy
         self.limiter = limiter if limiter is not None else HandshakeLimiter()
+        self.address_limiter = address_limiter
+        self.global_limiter = global_limiter
         self.replays = (
             replays
             if replays is not None
@@ -316,15 +392,23 @@ class Responder:
         return self._kem[1]
 
     async def process(
-        self, sender_did: str, payload: bytes, signature: bytes, ctx_id: str | None = None
+        self,
+        sender_did: str,
+        payload: bytes,
+        signature: bytes,
+        ctx_id: str | None = None,
+        *,
+        source: str = "",
     ) -> tuple[dict[str, str], Session]:
         """Check the request, cheapest checks first, answer it, create the session.
 
         Order: size and shape of the payload, DIDs (sender = ``initDid``, ``respDid`` = us),
         timestamp, context, ``info``/``exportCtx``, key sizes, replay (read only), then the
-        costly part: DID resolution (cached, unknown DIDs too), the signature, the sender's
-        rate limit and session allowance, and only then is the replay key reserved and the
-        HPKE work done. Nothing a request changes before its signature verifies.
+        costly part: DID resolution (cached, unknown DIDs too), the signature, the rate
+        limits (the sender's, its source address's, the server's) and the session
+        allowance, and only then is the replay key reserved and the HPKE work done.
+        Nothing a request changes before its signature verifies. ``source`` is the
+        sender's network address (the HTTP peer), for the per-address limits.
         ``ctx_id`` is the envelope's ``context_id`` (what the reference binds); without an
         envelope it is read from ``exportCtx``, which must name it either way.
         """
@@ -368,7 +452,11 @@ class Responder:
         document = await self.resolver.resolve(sender)
         document.verify(payload, signature)
         self.limiter.hit(sender)
-        self.sessions.admit(init_did)
+        if self.address_limiter is not None:
+            self.address_limiter.hit(source)
+        if self.global_limiter is not None:
+            self.global_limiter.hit(newcomer=not self.sessions.is_established(init_did))
+        self.sessions.admit(init_did, source=source)
         if not replays.mark_new(replay_key, ts):  # a concurrent twin won since the check
             raise ReplayError("handshake replayed", code="handshake_replay")
 
@@ -402,6 +490,7 @@ class Responder:
             peer_did=init_did,
             kid=kid,
             profile=profile,
+            source=source,
         )
         return response, session
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -62,6 +64,7 @@ class EndReason(str, Enum):
     IDLE = "idle"
     MAX_MESSAGES = "max_messages"
     PEER_ENDED = "peer_ended"  # the peer answered that the session is gone
+    EVICTED = "evicted"  # the table was full and this peer held more than its share
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class Session:
         self.peer_did = peer_did
         self.kid = kid
         self.profile = profile
-        self.replays: object | None = None  # the session's NonceCache, made on first use
+        self.replays: object | None = None  # its SessionReplays, made on first use
         self.limits = limits
         self.clock = clock
         self.created_at = self.last_used = clock()
@@ -235,9 +238,23 @@ class Session:
 class SessionManager:
     """Owns live sessions by id; expired ones are closed on touch or by :meth:`sweep`.
 
-    ``max_sessions`` bounds them all (beyond it: 503 ``session_capacity``);
-    ``max_sessions_per_peer`` bounds each peer DID's share (beyond it: 429
-    ``peer_session_limit``), so one peer cannot take the table from the others.
+    Admission, so that many identities cannot take the table from the others:
+
+    * ``max_sessions_per_peer`` bounds each peer DID (beyond it: 429 ``peer_session_limit``)
+      and ``max_sessions_per_address`` each source address, an IPv6 /64 counting as one
+      (429 ``address_session_limit``; 0 turns it off; loopback sources are not counted:
+      see :func:`address_key`);
+    * a *newcomer* session (its peer DID held no live session when it was created) may
+      hold at most ``new_peer_share`` of the table, so a flood of fresh DIDs leaves the
+      rest to peers that already hold sessions (beyond it: 429 ``new_peer_share``); a peer
+      whose oldest live session is ``established_after`` seconds old is *established*
+      (:meth:`is_established`), which the global handshake rate favours;
+    * ``max_sessions`` bounds them all. When the table (or the newcomers' share) is full,
+      the longest-idle session of the biggest holder (a DID or an address) is evicted if
+      that holder has at least two sessions more than the newcomer; only when no holder
+      has is the newcomer refused: 429 ``new_peer_share`` (newcomers hold their share),
+      429 ``session_capacity`` (it holds sessions already), else 503 ``session_capacity``
+      (a table with no room at all, e.g. ``max_sessions=0``).
     """
 
     def __init__(
@@ -246,17 +263,34 @@ class SessionManager:
         clock: Callable[[], float] = time.monotonic,
         max_sessions: int = 100_000,
         max_sessions_per_peer: int = 64,
+        *,
+        max_sessions_per_address: int = 4096,
+        new_peer_share: float = 0.5,
+        established_after: float = 60.0,
     ) -> None:
+        if not 0.0 < new_peer_share <= 1.0:
+            raise ValueError(f"new_peer_share must be in (0, 1], not {new_peer_share!r}")
         self.limits = limits or SessionLimits()
         self.clock = clock
         self.max_sessions = max_sessions
         self.max_sessions_per_peer = max_sessions_per_peer
+        self.max_sessions_per_address = max_sessions_per_address
+        self.new_peer_share = new_peer_share
+        self.established_after = established_after
         self._sessions: dict[str, Session] = {}
-        self._per_peer: dict[object, int] = {}
+        self._by_peer = _Holdings()
+        self._by_address = _Holdings()
+        self._address_of: dict[str, str] = {}  # session id -> address key, when counted
+        self._newcomers: set[str] = set()  # ids of newcomer sessions
+        self._newcomers_by_address = _Holdings()
 
     @property
     def active_count(self) -> int:
         return len(self._sessions)
+
+    def __contains__(self, session_id: object) -> bool:
+        """Whether ``session_id`` names a session still held (ended ones are not)."""
+        return session_id in self._sessions
 
     def create(
         self,
@@ -267,10 +301,12 @@ class SessionManager:
         peer_did: str,
         kid: str,
         profile: PeerProfile = PeerProfile.NATIVE,
+        source: str = "",
     ) -> Session:
+        """A new live session; ``source`` is the peer's network address, if known."""
         if session_id in self._sessions:
             raise SageError("session id already in use", code="session_exists")
-        self.admit(peer_did)
+        self.admit(peer_did, source=source)
         session = Session(
             session_id,
             role,
@@ -281,26 +317,80 @@ class SessionManager:
             clock=self.clock,
             profile=profile,
         )
+        peer, address = _peer_key(peer_did), address_key(source)
+        if not self._by_peer.count(peer):
+            self._newcomers.add(session_id)
+            if address is not None:
+                self._newcomers_by_address.add(address, session_id)
         self._sessions[session_id] = session
-        key = _peer_key(peer_did)
-        self._per_peer[key] = self._per_peer.get(key, 0) + 1
+        self._by_peer.add(peer, session_id)
+        if address is not None:
+            self._by_address.add(address, session_id)
+            self._address_of[session_id] = address
         return session
 
-    def admit(self, peer_did: str) -> None:
-        """Raise unless one more session with ``peer_did`` fits; cheap, so checked early."""
-        if len(self._sessions) >= self.max_sessions:
-            raise OverloadError("session table full", code="session_capacity")
-        if self._per_peer.get(_peer_key(peer_did), 0) >= self.max_sessions_per_peer:
+    def is_established(self, peer_did: str) -> bool:
+        """Whether ``peer_did`` holds a live session created ``established_after`` seconds
+        ago or more: what a flood of fresh DIDs cannot claim (see GlobalHandshakeLimiter)."""
+        oldest = next(self._by_peer.ids(_peer_key(peer_did)), None)  # ids in creation order
+        if oldest is None:
+            return False
+        return self.clock() - self._sessions[oldest].created_at >= self.established_after
+
+    def admit(self, peer_did: str, *, source: str = "") -> None:
+        """Raise unless one more session with ``peer_did`` from ``source`` fits, evicting
+        the longest-idle session of a much bigger holder to make room; cheap, so checked
+        before any handshake work."""
+        peer, address = _peer_key(peer_did), address_key(source)
+        held = self._by_peer.count(peer)
+        if held >= self.max_sessions_per_peer:
             raise RateLimitedError("too many sessions for this peer", code="peer_session_limit")
+        from_address = self._by_address.count(address) if address is not None else 0
+        if self.max_sessions_per_address and from_address >= self.max_sessions_per_address:
+            raise RateLimitedError(
+                "too many sessions from this address", code="address_session_limit"
+            )
+        table_full = len(self._sessions) >= self.max_sessions
+        newcomers_full = len(self._newcomers) >= math.ceil(self.new_peer_share * self.max_sessions)
+        if not held and newcomers_full:
+            mine = self._newcomers_by_address.count(address) if address is not None else 0
+            if self._evict_from((self._newcomers_by_address, mine)):
+                return
+            if self._newcomers:  # other newcomers hold the share: a limit on them, not us
+                raise RateLimitedError(
+                    "new peers hold their share of sessions", code="new_peer_share"
+                )
+        by_address = (self._by_address, from_address)
+        if table_full and not self._evict_from((self._by_peer, held), by_address):
+            if held:  # this peer holds its fair share already
+                raise RateLimitedError("session table full", code="session_capacity")
+            raise OverloadError("session table full", code="session_capacity")
+
+    def _evict_from(self, *candidates: tuple[_Holdings, int]) -> bool:
+        """Expire the longest-idle session of the biggest holder among ``candidates`` (each
+        a grouping and the newcomer's own count in it) if it holds at least two sessions
+        more than the newcomer, so that after the swap it still holds no fewer; False when
+        no holder does."""
+        best: tuple[int, _Holdings, object] = (1, self._by_peer, None)
+        for holdings, own in candidates:
+            biggest = holdings.biggest()
+            if biggest is not None and biggest[1] - own > best[0]:
+                best = (biggest[1] - own, holdings, biggest[0])
+        _, holdings, holder = best
+        if holder is None:
+            return False
+        victim = min((self._sessions[i] for i in holdings.ids(holder)), key=_idle_since)
+        self.expire(victim, EndReason.EVICTED)
+        return True
 
     def _forget(self, session: Session) -> None:
         del self._sessions[session.id]
-        key = _peer_key(session.peer_did)
-        left = self._per_peer.get(key, 1) - 1
-        if left > 0:
-            self._per_peer[key] = left
-        else:
-            self._per_peer.pop(key, None)
+        self._by_peer.remove(_peer_key(session.peer_did), session.id)
+        address = self._address_of.pop(session.id, None)
+        if address is not None:
+            self._by_address.remove(address, session.id)
+            self._newcomers_by_address.remove(address, session.id)
+        self._newcomers.discard(session.id)
 
     def get(self, session_id: str) -> Session:
         """The live session, or a typed error; a session found past a limit is expired here."""
@@ -350,3 +440,78 @@ def _peer_key(peer_did: str) -> object:
         return parse_did(peer_did)
     except SageError:
         return peer_did
+
+
+def _idle_since(session: Session) -> float:
+    return session.last_used
+
+
+class _Holdings:
+    """Live session ids grouped by holder (a peer DID or an address key), with the biggest
+    holder found in constant time: eviction under a flood must not scan the table."""
+
+    def __init__(self) -> None:
+        self._ids: dict[object, dict[str, None]] = {}
+        self._of_size: dict[int, dict[object, None]] = {}
+        self._top = 0
+
+    def count(self, holder: object) -> int:
+        ids = self._ids.get(holder)
+        return len(ids) if ids else 0
+
+    def ids(self, holder: object) -> Iterator[str]:
+        return iter(self._ids.get(holder, ()))
+
+    def add(self, holder: object, session_id: str) -> None:
+        ids = self._ids.setdefault(holder, {})
+        if session_id not in ids:
+            ids[session_id] = None
+            self._resize(holder, len(ids) - 1, len(ids))
+
+    def remove(self, holder: object, session_id: str) -> None:
+        ids = self._ids.get(holder)
+        if ids is None or session_id not in ids:
+            return
+        del ids[session_id]
+        if not ids:
+            del self._ids[holder]
+        self._resize(holder, len(ids) + 1, len(ids))
+
+    def biggest(self) -> tuple[object, int] | None:
+        """A holder with the most sessions, and how many; None when nobody holds any."""
+        if not self._top:
+            return None
+        return next(iter(self._of_size[self._top])), self._top
+
+    def _resize(self, holder: object, old: int, new: int) -> None:
+        if old:
+            same = self._of_size[old]
+            del same[holder]
+            if not same:
+                del self._of_size[old]
+        if new:
+            self._of_size.setdefault(new, {})[holder] = None
+        self._top = max(self._top, new)
+        while self._top and self._top not in self._of_size:
+            self._top -= 1
+
+
+@functools.lru_cache(maxsize=4096)
+def address_key(source: str) -> str | None:
+    """The unit that per-address limits count: an IPv4 address or an IPv6 /64 (one host
+    usually holds a whole /64). None, not counted, for no address, a name that is not an
+    address (a test transport, a Unix socket) and loopback: a loopback peer is a local
+    process or a reverse proxy on this host that does not forward the client's address,
+    and uvicorn believes X-Forwarded-For from loopback by default (FORWARDED_ALLOW_IPS),
+    so the address says nothing about who is behind it."""
+    try:
+        ip = ipaddress.ip_address(source)
+    except ValueError:
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return None
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
