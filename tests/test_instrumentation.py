@@ -1387,3 +1387,21 @@ async def test_every_refusal_is_counted_by_category(
     assert snap.value("requests_refused", category="overload") == 1
     assert snap.value("requests_refused", category="invalid") == 3
     assert snap.total("requests_refused") == 4
+
+
+async def test_refusals_at_the_http_edge_are_counted_too(
+    tel: Captured, start_server: StartServer
+) -> None:
+    """Malformed HTTP and oversized headers never reach the app; they count all the same."""
+    _server, url = await start_server()
+    host, port = url.removeprefix("http://").split(":")
+    for request in (
+        b"POST /messages HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 40_000 + b"\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        answer = await reader.read()
+        writer.close()
+        assert answer.split(b" ", 2)[1] in (b"400", b"431")
+    assert tel.snapshot().value("requests_refused", category="invalid") == 2

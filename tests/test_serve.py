@@ -265,7 +265,12 @@ def test_the_demo_drives_its_server_in_its_own_process_with_fast(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("value", "reason"), [("many", "not a number"), ("0", "must be > 0"), ("-5", "must be > 0")]
+    ("value", "reason"),
+    [
+        ("many", "not a number"),
+        ("0", "must be a finite number > 0"),
+        ("-5", "must be a finite number > 0"),
+    ],
 )
 def test_a_bad_session_limit_is_one_line_and_exit_2(
     tmp_path: Path, value: str, reason: str

@@ -15,6 +15,7 @@ from sage_otel.agent.errors import (
     NetworkError,
     PeerError,
     SessionExpiredError,
+    SessionNotFoundError,
     UnknownDIDError,
 )
 from sage_otel.agent.identity import AgentIdentity, Chain
@@ -315,3 +316,30 @@ async def test_the_aiohttp_client_speaks_the_same_protocol(start_server, make_cl
     assert info.value.code == "unknown_session" and conn.session.closed
     with pytest.raises(NetworkError):
         await client.post("http://127.0.0.1:1", b"{}")
+
+
+async def test_unread_go_messages_go_with_their_session(go_link) -> None:
+    """Plaintext delivered to a listener and never read is dropped when the session ends."""
+    server, client, conn = go_link
+    server_side = server.sessions.get(conn.session.id)
+    for text in ("one", "two", "three"):
+        await server.push(server_side, text)
+    listener = client.listener
+    assert conn.session.id in listener._inboxes  # delivered, unread
+    await client.close(conn)  # a go-profile close is local: the listener's session ends
+    with pytest.raises(SessionNotFoundError):
+        await client.receive(conn, timeout=1)
+    assert conn.session.id not in listener._inboxes
+
+
+async def test_the_sweep_drops_the_inbox_of_a_session_that_idled_out(go_link) -> None:
+    server, client, conn = go_link
+    await server.push(server.sessions.get(conn.session.id), "never read")
+    listener = client.listener
+    assert conn.session.id in listener._inboxes
+    client.sessions.expire(conn.session, EndReason.IDLE)  # what the sweeper does past the limit
+    for _ in range(40):  # the listener's sweeper runs every second
+        if conn.session.id not in listener._inboxes:
+            break
+        await asyncio.sleep(0.1)
+    assert conn.session.id not in listener._inboxes

@@ -59,7 +59,17 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import __version__
-from .agent import client_agent, did, envelope, handshake, identity, message, server_agent, session
+from .agent import (
+    client_agent,
+    did,
+    edge,
+    envelope,
+    handshake,
+    identity,
+    message,
+    server_agent,
+    session,
+)
 from .agent.errors import CryptoError, PeerError, SageError, SignatureError, category_of
 from .agent.identity import CHAIN_ALIASES, DID
 from .telemetry.catalog import (
@@ -788,7 +798,7 @@ def _wrap_dispatch(kit: _Kit):
 
 
 def _wrap_refuse(kit: _Kit):
-    """ServerAgent.refuse: every typed refusal, counted by its (closed) category."""
+    """ServerAgent.refuse and the HTTP edge's: every typed refusal, by its (closed) category."""
     refused = {c: kit.meters.counter("requests_refused", category=c) for c in REFUSAL_CATEGORIES}
     other = kit.meters.counter("requests_refused", category=OTHER)
 
@@ -829,6 +839,7 @@ _PATCHES: tuple[tuple[object, str, Callable[[_Kit], Callable]], ...] = (
     (client_agent.ClientAgent, "post", _wrap_post),
     (server_agent.ServerAgent, "dispatch", _wrap_dispatch),
     (server_agent.ServerAgent, "refuse", _wrap_refuse),
+    (edge.SageHttpProtocol, "refuse", _wrap_refuse),  # refused before the app: HTTP itself
 )
 
 CRYPTO_DETAILS = ("handshake", "events", "spans", "none")

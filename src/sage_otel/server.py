@@ -10,6 +10,15 @@ Every worker builds the same agent from the environment:
 * ``SAGE_OTEL_SESSION_MAX_MESSAGES``, ``SAGE_OTEL_SESSION_MAX_AGE``,
   ``SAGE_OTEL_SESSION_IDLE_TIMEOUT`` (seconds): the session limits, the reference's
   (1000 messages, 1 h, 10 min) by default;
+* ``SAGE_OTEL_HANDSHAKE_RATE`` (200/second), ``SAGE_OTEL_HANDSHAKE_RATE_PER_ADDRESS``
+  (100/second), ``SAGE_OTEL_SESSIONS_PER_ADDRESS`` (4096), ``SAGE_OTEL_NEW_PEER_SHARE``
+  (0.5): admission that many identities cannot beat (:func:`admission_limits`);
+* ``SAGE_OTEL_HEADER_TIMEOUT``, ``_REQUEST_TIMEOUT``, ``_KEEPALIVE_TIMEOUT`` (seconds),
+  ``SAGE_OTEL_MAX_HEADER_BYTES``, ``_MAX_HEADERS``, ``_MAX_CONNECTIONS``: the HTTP edge limits
+  (:class:`~.agent.edge.EdgeLimits`, applied by ``sage-otel serve``);
+* ``SAGE_OTEL_OUTBOUND_ALLOW``, ``SAGE_OTEL_OUTBOUND_DENY`` (comma-separated CIDRs) and
+  ``SAGE_OTEL_OUTBOUND_MAX_ANSWER`` (bytes), ``_TIMEOUT`` (s), ``_PER_PEER``, ``_TOTAL``: where
+  and how the agent POSTs to peers' endpoints (:class:`~.agent.outbound.OutboundPolicy`);
 * telemetry: the standard ``OTEL_*`` variables, and ``PROMETHEUS_MULTIPROC_DIR`` for several
   workers (:mod:`sage_otel.telemetry.multiprocess`): then ``GET /metrics`` on any worker
   reports all of them. ``sage-otel serve --workers 1`` needs no shared files: it serves
@@ -24,6 +33,7 @@ metrics port for all workers) and runs uvicorn.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import socket
@@ -37,37 +47,42 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .agent.did import DIDDocument, DIDResolver, InMemoryRegistry, JsonFileRegistry, Registry
+from .agent.did import (
+    DIDDocument,
+    DIDResolver,
+    InMemoryRegistry,
+    JsonFileRegistry,
+    Registry,
+    RegistryFileError,
+)
+from .agent.edge import EdgeLimits, SageHttpProtocol
 from .agent.identity import AgentIdentity, parse_chain
-from .agent.session import SessionLimits, SessionManager
+from .agent.session import SessionManager
 from .agent.transport import ServerAgent
+from .limits import (  # noqa: F401 (AdmissionLimits: part of this module's interface)
+    AdmissionLimits,
+    admission_limits,
+    edge_limits,
+    outbound_policy,
+    session_limits,
+)
+from .limits import validate as validate_limits
 
 IDENTITY_ENV = "SAGE_OTEL_IDENTITY"
 REGISTRY_ENV = "SAGE_OTEL_REGISTRY"
 CHAIN_ENV = "SAGE_OTEL_CHAIN"
-SESSION_LIMIT_ENV = {
-    "max_messages": "SAGE_OTEL_SESSION_MAX_MESSAGES",
-    "max_age": "SAGE_OTEL_SESSION_MAX_AGE",
-    "idle_timeout": "SAGE_OTEL_SESSION_IDLE_TIMEOUT",
-}
 
 
-def session_limits() -> SessionLimits:
-    """The session limits from the environment; ValueError names a bad variable."""
-    limits: dict[str, float] = {}
-    for field_name, variable in SESSION_LIMIT_ENV.items():
-        text = os.environ.get(variable)
-        if not text:
-            continue
-        kind = int if field_name == "max_messages" else float
-        try:
-            value = kind(text)
-        except ValueError:
-            raise ValueError(f"{variable}={text!r}: not a number") from None
-        if not value > 0:
-            raise ValueError(f"{variable}={text!r}: must be > 0")
-        limits[field_name] = value
-    return SessionLimits(**limits)
+class ServeHttpProtocol(SageHttpProtocol):
+    """The HTTP protocol ``sage-otel serve`` names to uvicorn by import path, so that every
+    worker process builds it, with the edge limits of its own environment."""
+
+    @property
+    def limits(self) -> EdgeLimits:  # type: ignore[override]
+        return _process_edge_limits()
+
+
+_process_edge_limits = functools.cache(edge_limits)
 
 
 class IdentityFileError(Exception):
@@ -142,8 +157,18 @@ def create_app() -> Any:
     )
     telemetry = _telemetry()  # under `sage-otel serve --workers 1`: the one it set up
     atexit.register(telemetry.shutdown)
+    admission = admission_limits()
     agent = ServerAgent(
-        identity, DIDResolver(_registry()), sessions=SessionManager(session_limits())
+        identity,
+        DIDResolver(_registry()),
+        sessions=SessionManager(
+            session_limits(),
+            max_sessions_per_address=admission.sessions_per_address,
+            new_peer_share=admission.new_peer_share,
+        ),
+        global_handshake_rate=admission.handshake_rate,
+        address_handshake_rate=admission.handshake_rate_per_address,
+        outbound=outbound_policy(),
     )
 
     from .telemetry.multiprocess import multiprocess_dir, multiprocess_registry
@@ -207,15 +232,6 @@ def _event_loop() -> str:
     return "uvloop"
 
 
-def _http_parser() -> str:
-    """httptools (llhttp, in C) rather than the pure-Python h11."""
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
-        return "h11"
-    return "httptools"
-
-
 def serve(
     *,
     host: str,
@@ -231,7 +247,7 @@ def serve(
     import asyncio
 
     try:
-        session_limits()
+        validate_limits()
         identity = load_identity(identity_path, chain)
     except (IdentityFileError, OSError, ValueError) as error:
         print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
@@ -246,7 +262,11 @@ def serve(
     os.environ[CHAIN_ENV] = chain
     if registry_path:
         os.environ[REGISTRY_ENV] = str(Path(registry_path).resolve())
-        asyncio.run(_register(identity, url))
+        try:
+            asyncio.run(_register(identity, url))
+        except RegistryFileError as error:  # an older unsigned file: says what to do
+            print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
+            return 2
     os.environ.pop("OTEL_EXPORTER_PROMETHEUS_PORT", None)  # workers never bind a metrics port
     from .telemetry.multiprocess import multiprocess_registry
     from .telemetry.setup import sdk_disabled
@@ -293,7 +313,7 @@ def serve(
         port=port,
         workers=workers,
         loop=_event_loop(),
-        http=_http_parser(),
+        http="sage_otel.server:ServeHttpProtocol",  # httptools with the edge limits
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=3,

@@ -21,9 +21,10 @@ from .errors import (
 )
 from .handshake import TASK as HANDSHAKE_TASK
 from .handshake import Initiator
-from .http import AiohttpSession, read_answer
+from .http import AiohttpSession, BoundedSession, read_answer
 from .identity import AgentIdentity
 from .message import MessageValidator, seal, seal_go
+from .outbound import OutboundPolicy
 from .server_agent import ServerAgent
 from .session import EndReason, PeerProfile, Role, Session, SessionManager
 
@@ -51,10 +52,11 @@ class ClientAgent:
         *,
         sessions: SessionManager | None = None,
         validator: MessageValidator | None = None,
-        http: httpx.AsyncClient | AiohttpSession | None = None,
+        http: httpx.AsyncClient | AiohttpSession | BoundedSession | None = None,
         handshake_timeout: float = 10.0,
         entropy: Entropy = SYSTEM,
         sweep_interval: float = 1.0,
+        outbound: OutboundPolicy | None = None,
     ) -> None:
         self.identity = identity
         self.resolver = resolver
@@ -62,7 +64,8 @@ class ClientAgent:
         self.validator = validator or MessageValidator()
         self.entropy = entropy
         self.initiator = Initiator(identity, self.sessions, entropy)
-        self.http = http or httpx.AsyncClient(timeout=10.0)
+        # Without ``http``: a client that reads bounded answers where ``outbound`` permits.
+        self.http = http or BoundedSession(outbound)
         self.handshake_timeout = handshake_timeout
         self.sweep_interval = sweep_interval
         self.listener: ServerAgent | None = None
@@ -202,7 +205,7 @@ class ClientAgent:
                 message_id=message.id,
                 role=role,
             )
-        wire = seal(session, data).to_wire()
+        wire = seal(session, data, task_id=task_id).to_wire()
         return self.envelope(
             task_id, session.id, wire["payload"], metadata=wire["metadata"], role=role
         )
@@ -218,11 +221,18 @@ class ClientAgent:
             return None
         return self.open_reply(conn, answer)
 
-    def open_reply(self, conn: Connection, answer: Any) -> str | bytes:
+    def open_reply(
+        self, conn: Connection, answer: Any, *, task_id: str = MESSAGE_TASK
+    ) -> str | bytes:
+        """Open the sealed reply to a request sent under ``task_id`` (which it is bound to)."""
         if not isinstance(answer, dict):
             raise InvalidMessageError("reply must be an object", code="bad_reply")
         return self.validator.open_wire(
-            conn.session, answer.get("payload"), answer.get("metadata"), method=REPLY_METHOD
+            conn.session,
+            answer.get("payload"),
+            answer.get("metadata"),
+            method=REPLY_METHOD,
+            task_id=task_id,
         )
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> int:

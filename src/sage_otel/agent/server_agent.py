@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import socket
 import time
@@ -21,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from .canonical import go_json
 from .did import DIDResolver
+from .edge import EdgeLimits, SageHttpProtocol
 from .entropy import SYSTEM, Entropy
 from .envelope import (
     CLOSE_TASK,
@@ -46,12 +48,21 @@ from .errors import (
     PayloadTooLargeError,
     RateLimitedError,
     SageError,
+    SessionNotFoundError,
     UnsupportedMediaTypeError,
 )
+from .handshake import (
+    ADDRESS_HANDSHAKE_RATE,
+    GLOBAL_HANDSHAKE_RATE,
+    AddressLimiter,
+    GlobalHandshakeLimiter,
+    HandshakeLimiter,
+    Responder,
+)
 from .handshake import TASK as HANDSHAKE_TASK
-from .handshake import HandshakeLimiter, Responder
 from .identity import AgentIdentity, parse_did
 from .message import MessageValidator, seal
+from .outbound import OutboundPolicy, PushSlot, PushSlots
 from .session import PeerProfile, Role, Session, SessionManager
 
 if TYPE_CHECKING:
@@ -103,6 +114,10 @@ class ServerAgent:
         entropy: Entropy = SYSTEM,
         clock: Callable[[], float] | None = None,
         handshake_rate: str = "50/second",
+        global_handshake_rate: str | None = GLOBAL_HANDSHAKE_RATE,
+        address_handshake_rate: str | None = ADDRESS_HANDSHAKE_RATE,
+        outbound: OutboundPolicy | None = None,
+        edge: EdgeLimits | None = None,
     ) -> None:
         self.identity = identity
         self.resolver = resolver
@@ -116,6 +131,16 @@ class ServerAgent:
             clock=clock or time.time,
             entropy=entropy,
             limiter=HandshakeLimiter(handshake_rate),
+            # Many identities share these two: per source address, and one for the server
+            # (None turns either off; the session table's own admission is in SessionManager).
+            address_limiter=(
+                AddressLimiter(address_handshake_rate) if address_handshake_rate else None
+            ),
+            global_limiter=(
+                GlobalHandshakeLimiter(global_handshake_rate, self.sessions.new_peer_share)
+                if global_handshake_rate
+                else None
+            ),
         )
         self.handler: Handler = handler or _default_handler
         self.max_body = max_body
@@ -134,6 +159,9 @@ class ServerAgent:
         self._inboxes: dict[str, asyncio.Queue[str | bytes]] = {}
         self._outbound: ClientAgent | None = None
         self._pushes: set[asyncio.Task[None]] = set()
+        self.outbound = outbound or OutboundPolicy()
+        self.push_slots = PushSlots(self.outbound.per_peer, self.outbound.total)
+        self.edge = edge or EdgeLimits()
         self.port = 0
 
     @contextlib.asynccontextmanager
@@ -149,6 +177,12 @@ class ServerAgent:
         while True:
             await asyncio.sleep(self.sweep_interval)
             self.sessions.sweep()
+            self._drop_ended_inboxes()
+
+    def _drop_ended_inboxes(self) -> None:
+        """Plaintext nobody read goes with its session, however the session ended."""
+        for session_id in [s for s in self._inboxes if s not in self.sessions]:
+            del self._inboxes[session_id]
 
     async def _health(self, _request: Request) -> Response:
         return Response(go_json({"status": "ok", "did": str(self.identity.did)}))
@@ -176,11 +210,14 @@ class ServerAgent:
         if too_long and int(declared) > self.max_body:
             raise PayloadTooLargeError("request body too large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body:
-                raise PayloadTooLargeError("request body too large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise PayloadTooLargeError("request body too large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # hung up or cut at the request deadline: the peer's doing
+            raise InvalidMessageError("request ended early", code="client_disconnected") from None
         return b"".join(chunks)
 
     async def _endpoint(self, request: Request) -> Response:
@@ -190,6 +227,8 @@ class ServerAgent:
             if media_type != "application/json":
                 raise UnsupportedMediaTypeError("content-type must be application/json")
             envelope = parse_envelope(await self._read_body(request), request.headers)
+            if request.client is not None:  # behind a trusted proxy: its X-Forwarded-For
+                envelope = dataclasses.replace(envelope, source=request.client.host)
             for header, name in HEADER_FIELDS:
                 value = request.headers.get(header)
                 if value is not None and value != getattr(envelope, name):
@@ -224,7 +263,11 @@ class ServerAgent:
     async def handle_handshake(self, envelope: Envelope) -> dict[str, str]:
         parse_did(envelope.did)
         response, _session = await self.responder.process(
-            envelope.did, envelope.payload, envelope.signature, envelope.context_id or None
+            envelope.did,
+            envelope.payload,
+            envelope.signature,
+            envelope.context_id or None,
+            source=envelope.source,
         )
         return response
 
@@ -237,24 +280,52 @@ class ServerAgent:
         ):
             raise InvalidMessageError("sender is not the session's peer", code="wrong_peer")
         plaintext = self.validator.open_wire(
-            session, envelope.raw_payload, envelope.metadata, envelope=envelope
+            session,
+            envelope.raw_payload,
+            envelope.metadata,
+            envelope=envelope,
+            task_id=envelope.task_id,  # covered by the MAC: a relabelled task is refused
         )
         return session, plaintext
 
     async def process_message(self, envelope: Envelope) -> dict[str, Any] | None:
         """Open an inbound session message; answer it as the session's profile wants."""
-        session, plaintext = self._open(envelope)
-        if session.profile is PeerProfile.GO and session.role is Role.INITIATOR:
-            self._deliver(session, plaintext)
+        slot = await self._reserve_push(envelope)  # refused here, before any work, if full
+        try:
+            session, plaintext = self._open(envelope)
+            if session.profile is PeerProfile.GO and session.role is Role.INITIATOR:
+                self._deliver(session, plaintext)
+                return None
+            reply = self.handler(session, plaintext)
+            if asyncio.iscoroutine(reply):
+                reply = await reply
+            if session.profile is PeerProfile.GO:
+                if reply is not None:
+                    self._push_later(session, reply, slot)
+                    slot = None  # the push releases it
+                return None
+            reply = b"" if reply is None else reply
+            return seal(session, reply, method=REPLY_METHOD, task_id=envelope.task_id).to_wire()
+        finally:
+            if slot is not None:
+                slot.release()
+
+    async def _reserve_push(self, envelope: Envelope) -> PushSlot | None:
+        """A go reply's push slot, taken before the message is opened or handled.
+
+        When the peer's endpoint (or every endpoint together) already has its pushes in
+        flight, the message is refused 429 ``push_backlog`` untouched: not handled, not
+        marked seen, so the sender may send it again as it is; nothing queues behind an
+        endpoint that never answers.
+        """
+        session = self.sessions.get(envelope.context_id)  # _open's own first check
+        if session.profile is not PeerProfile.GO or session.role is Role.INITIATOR:
             return None
-        reply = self.handler(session, plaintext)
-        if asyncio.iscoroutine(reply):
-            reply = await reply
-        if session.profile is PeerProfile.GO:
-            if reply is not None:
-                self._push_later(session, reply)
-            return None
-        return seal(session, b"" if reply is None else reply, method=REPLY_METHOD).to_wire()
+        try:
+            peer = await self.resolver.resolve(session.peer_did)
+        except SageError:
+            return None  # the push fails on its own; the sender still gets its answer
+        return self.push_slots.acquire(peer.endpoint) if peer.endpoint else None
 
     def handle_close(self, envelope: Envelope) -> dict[str, bool]:
         session, _ = self._open(envelope)
@@ -278,36 +349,57 @@ class ServerAgent:
 
     async def next_message(self, session_id: str, timeout: float | None = None) -> str | bytes:
         """The next message a go-profile peer POSTed to this session."""
+        if session_id not in self.sessions:  # what it left unread went with it
+            self._inboxes.pop(session_id, None)
+            raise SessionNotFoundError("no such session")
         try:
             return await asyncio.wait_for(self._inbox(session_id).get(), timeout)
         except asyncio.TimeoutError as exc:
             raise NetworkError("no message from the peer in time", code="receive_timeout") from exc
 
-    def _push_later(self, session: Session, data: str | bytes) -> None:
-        task = asyncio.get_running_loop().create_task(self._push_quietly(session, data))
+    def _push_later(self, session: Session, data: str | bytes, slot: PushSlot | None) -> None:
+        task = asyncio.get_running_loop().create_task(self._push_quietly(session, data, slot))
         self._pushes.add(task)
         task.add_done_callback(self._pushes.discard)
+        if slot is not None:  # also when the task is cancelled before it starts
+            task.add_done_callback(lambda _task: slot.release())
 
-    async def _push_quietly(self, session: Session, data: str | bytes) -> None:
+    async def _push_quietly(
+        self, session: Session, data: str | bytes, slot: PushSlot | None
+    ) -> None:
         with contextlib.suppress(SageError):  # the sender already had its answer
-            await self.push(session, data)
+            await self.push(session, data, slot=slot)
 
-    async def push(self, session: Session, data: str | bytes) -> None:
-        """POST one message of a go-profile session to the peer's endpoint."""
-        peer = await self.resolver.resolve(session.peer_did)
-        if not peer.endpoint:
-            raise NetworkError("peer publishes no endpoint", code="no_endpoint")
-        from .client_agent import ClientAgent, Connection  # the two agents use each other
+    async def push(
+        self, session: Session, data: str | bytes, *, slot: PushSlot | None = None
+    ) -> None:
+        """POST one message of a go-profile session to the peer's endpoint.
 
-        if self._outbound is None:
-            self._outbound = ClientAgent(
-                self.identity,
-                self.resolver,
-                sessions=self.sessions,
-                validator=self.validator,
-                entropy=self.entropy,
-            )
-        await self._outbound.send(Connection(peer.endpoint, session.peer_did, session), data)
+        Bounded by :attr:`outbound` (answer size, total deadline, no redirects, permitted
+        addresses only) and holding a push slot: ``slot`` if the caller reserved one, else
+        one taken here (429 ``push_backlog`` when none is free).
+        """
+        try:
+            peer = await self.resolver.resolve(session.peer_did)
+            if not peer.endpoint:
+                raise NetworkError("peer publishes no endpoint", code="no_endpoint")
+            if slot is None:
+                slot = self.push_slots.acquire(peer.endpoint)
+            from .client_agent import ClientAgent, Connection  # the two agents use each other
+
+            if self._outbound is None:
+                self._outbound = ClientAgent(
+                    self.identity,
+                    self.resolver,
+                    sessions=self.sessions,
+                    validator=self.validator,
+                    entropy=self.entropy,
+                    outbound=self.outbound,
+                )
+            await self._outbound.send(Connection(peer.endpoint, session.peer_did, session), data)
+        finally:
+            if slot is not None:
+                slot.release()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Bind (raising OSError if the port is taken), serve in the background, return the port."""
@@ -323,6 +415,7 @@ class ServerAgent:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
+            http=SageHttpProtocol.with_limits(self.edge),  # deadlines and caps: agent/edge.py
             log_level="warning",
             lifespan="on",
             access_log=False,
