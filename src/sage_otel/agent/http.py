@@ -144,6 +144,9 @@ class BoundedSession:
                 limit=self.policy.total,
                 resolver=_policy_resolver(self.policy),
                 use_dns_cache=False,  # every connection checks what the name resolves to now
+                # Below the idle timeout of the servers it talks to (ours: 5 s), so a pooled
+                # connection is not reused at the instant the server closes it.
+                keepalive_timeout=4,
             ),
             auto_decompress=False,  # a small compressed answer must not inflate past the cap
             trust_env=False,  # no proxy from the environment: the policy sees the real peer
