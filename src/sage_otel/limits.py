@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,36 +40,41 @@ OUTBOUND_LIMIT_ENV = {
 OUTBOUND_NETWORK_ENV = {"allow": "SAGE_OTEL_OUTBOUND_ALLOW", "deny": "SAGE_OTEL_OUTBOUND_DENY"}
 
 
-def _positive_numbers(table: dict[str, tuple[str, type]]) -> dict[str, Any]:
-    """The variables of ``table`` that are set, as finite numbers > 0, by field name."""
+def positive_numbers(
+    table: Mapping[str, tuple[str, type]],
+    environ: Mapping[str, str] = os.environ,
+    error: type[ValueError] = ValueError,
+) -> dict[str, Any]:
+    """The variables of ``table`` (field: (variable, int or float)) that are set, as finite
+    numbers > 0 by field name; ``error`` names the first bad one."""
     values: dict[str, Any] = {}
     for field_name, (variable, kind) in table.items():
-        text = os.environ.get(variable, "").strip()
+        text = environ.get(variable, "").strip()
         if not text:
             continue
         try:
             value = kind(text)
         except ValueError:
-            raise ValueError(f"{variable}={text!r}: not a number") from None
+            raise error(f"{variable}={text!r}: not a number") from None
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{variable}={text!r}: must be a finite number > 0")
+            raise error(f"{variable}={text!r}: must be a finite number > 0")
         values[field_name] = value
     return values
 
 
 def session_limits() -> SessionLimits:
     """The session limits (the reference's: 1000 messages, 1 h, 10 min idle)."""
-    return SessionLimits(**_positive_numbers(SESSION_LIMIT_ENV))
+    return SessionLimits(**positive_numbers(SESSION_LIMIT_ENV))
 
 
 def edge_limits() -> EdgeLimits:
     """The HTTP edge limits (:class:`~.agent.edge.EdgeLimits`)."""
-    return EdgeLimits(**_positive_numbers(EDGE_LIMIT_ENV))
+    return EdgeLimits(**positive_numbers(EDGE_LIMIT_ENV))
 
 
 def outbound_policy() -> OutboundPolicy:
     """Where and how the agent POSTs to peers (:class:`~.agent.outbound.OutboundPolicy`)."""
-    settings = _positive_numbers(OUTBOUND_LIMIT_ENV)
+    settings = positive_numbers(OUTBOUND_LIMIT_ENV)
     for field_name, variable in OUTBOUND_NETWORK_ENV.items():
         try:
             settings[field_name] = parse_networks(os.environ.get(variable, ""))
@@ -132,7 +138,10 @@ def admission_limits() -> AdmissionLimits:
 
 def validate() -> None:
     """Parse every limit variable; the first bad one raises ValueError naming it."""
+    from .telemetry.web import metrics_server_limits
+
     session_limits()
     admission_limits()
     edge_limits()
     outbound_policy()
+    metrics_server_limits()

@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import io
 import logging
-import math
 import os
 import queue
 import re
@@ -77,29 +76,18 @@ class MetricsServerLimits:
 
 
 _LIMIT_ENV = {
-    "timeout": TIMEOUT_ENV,
-    "workers": WORKERS_ENV,
-    "max_connections": MAX_CONNECTIONS_ENV,
-    "max_header_bytes": MAX_HEADER_BYTES_ENV,
+    "timeout": (TIMEOUT_ENV, float),
+    "workers": (WORKERS_ENV, int),
+    "max_connections": (MAX_CONNECTIONS_ENV, int),
+    "max_header_bytes": (MAX_HEADER_BYTES_ENV, int),
 }
 
 
 def metrics_server_limits(environ: Mapping[str, str] = os.environ) -> MetricsServerLimits:
     """The limits from ``SAGE_OTEL_METRICS_*``; WebConfigError (a ValueError) names a bad one."""
-    values: dict[str, Any] = {}
-    for field_name, variable in _LIMIT_ENV.items():
-        text = environ.get(variable, "").strip()
-        if not text:
-            continue
-        kind = float if field_name == "timeout" else int
-        try:
-            value = kind(text)
-        except ValueError:
-            raise WebConfigError(f"{variable}={text!r}: not a number") from None
-        if not (math.isfinite(value) and value > 0):
-            raise WebConfigError(f"{variable}={text!r}: must be a finite number > 0")
-        values[field_name] = value
-    return MetricsServerLimits(**values)
+    from ..limits import positive_numbers
+
+    return MetricsServerLimits(**positive_numbers(_LIMIT_ENV, environ, WebConfigError))
 
 
 def load_web_config(path: str | Path) -> dict[str, Any]:
