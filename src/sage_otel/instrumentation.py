@@ -866,27 +866,10 @@ class SageInstrumentor(BaseInstrumentor):
         if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             _logger.info("sage-otel: OTEL_SDK_DISABLED=true, the agent is not instrumented")
             return
-        crypto_detail = kwargs.get("crypto_detail") or os.environ.get(
-            CRYPTO_DETAIL_ENV, "handshake"
+        crypto_detail = _choice(kwargs, "crypto_detail", CRYPTO_DETAIL_ENV, CRYPTO_DETAILS)
+        inbound = _choice(
+            kwargs, "inbound_trace_context", INBOUND_TRACE_CONTEXT_ENV, INBOUND_TRACE_CONTEXTS
         )
-        if crypto_detail not in CRYPTO_DETAILS:
-            # A typo must not stop auto-instrumentation (and every instrumentor after it).
-            _logger.warning(
-                "sage-otel: crypto_detail %r is not one of %s; using 'handshake'",
-                crypto_detail,
-                CRYPTO_DETAILS,
-            )
-            crypto_detail = "handshake"
-        inbound = kwargs.get("inbound_trace_context") or os.environ.get(
-            INBOUND_TRACE_CONTEXT_ENV, "link"
-        )
-        if inbound not in INBOUND_TRACE_CONTEXTS:
-            _logger.warning(
-                "sage-otel: inbound_trace_context %r is not one of %s; using 'link'",
-                inbound,
-                INBOUND_TRACE_CONTEXTS,
-            )
-            inbound = "link"
         kit = _Kit(tracer, meters, crypto_detail, kwargs.get("span_hook"), inbound)
         for owner, name, factory in _PATCHES:
             wrapt.wrap_function_wrapper(owner, name, factory(kit))
@@ -894,6 +877,20 @@ class SageInstrumentor(BaseInstrumentor):
     def _uninstrument(self, **kwargs: Any) -> None:
         for owner, name, _factory in _PATCHES:
             _unwrap(owner, name)
+
+
+def _choice(kwargs: dict[str, Any], name: str, variable: str, choices: tuple[str, ...]) -> str:
+    """An option from ``instrument()`` or else its variable; the first choice is the default.
+
+    A typo logs a warning and means the default: it must not stop auto-instrumentation
+    (and every instrumentor after it)."""
+    value = kwargs.get(name) or os.environ.get(variable, choices[0])
+    if value not in choices:
+        _logger.warning(
+            "sage-otel: %s %r is not one of %s; using %r", name, value, choices, choices[0]
+        )
+        value = choices[0]
+    return value
 
 
 def _unwrap(owner: object, name: str) -> None:

@@ -33,7 +33,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .envelope import answer_body
-from .errors import ErrorCategory, InvalidMessageError, SageError
+from .errors import HeadersTooLargeError, MalformedHttpError, RequestTimeoutError, SageError
 
 NOFILE_CAP = 10_000
 
@@ -69,23 +69,6 @@ class EdgeLimits:
             value = getattr(self, limit.name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{limit.name}={value!r}: must be a finite number > 0")
-
-
-class HeadersTooLargeError(InvalidMessageError):
-    code = "headers_too_large"
-    http_status = 431
-
-
-class RequestTimeoutError(SageError):
-    """The header block (``header_timeout``) or the body (``body_timeout``) came too late."""
-
-    code = "header_timeout"
-    category = ErrorCategory.TIMEOUT
-    http_status = 408
-
-
-class MalformedHttpError(InvalidMessageError):
-    code = "malformed_http"
 
 
 class _Refused(Exception):

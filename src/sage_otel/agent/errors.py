@@ -55,6 +55,27 @@ class UnsupportedMediaTypeError(InvalidMessageError):
     http_status = 415
 
 
+class HeadersTooLargeError(InvalidMessageError):
+    """Over the HTTP edge's header byte or count cap (:mod:`.edge`)."""
+
+    code = "headers_too_large"
+    http_status = 431
+
+
+class RequestTimeoutError(SageError):
+    """The header block (``header_timeout``) or the body (``body_timeout``) came too late."""
+
+    code = "header_timeout"
+    category = ErrorCategory.TIMEOUT
+    http_status = 408
+
+
+class MalformedHttpError(InvalidMessageError):
+    """What the HTTP parser refuses before the app runs (:mod:`.edge`)."""
+
+    code = "malformed_http"
+
+
 class TimestampSkewError(InvalidMessageError):
     code = "timestamp_skew"
 
