@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: demo test lint install clean bench collector jaeger prometheus validators e2e-prereqs \
 	dashboards metrics-docs lowest-deps fuzz soak bench-backend bench-http bench-memory graphviz pictures \
-	thanos bench-scale
+	thanos bench-scale siege
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -92,6 +92,11 @@ fuzz: $(STAMP)
 SOAK_MINUTES ?= 10
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak --baseline-minutes 1 --minutes $(SOAK_MINUTES) --out /tmp/sage-otel-soak.json
+# Each attack of docs/security.md alone against a default `sage-otel serve` while legitimate
+# clients run (benchmarks/siege.py), about 5 minutes; SIEGE_ARGS="--attacker-nice 19" gives
+# the attacker only the CPU the server leaves, as on another machine.
+siege: $(STAMP)
+	$(BIN)/python -m benchmarks.siege --seconds-per-phase 20 --out /tmp/siege-result.json $(SIEGE_ARGS)
 
 # SAGE over HTTP against a bare echo on the same stacks (uvicorn with uvloop and httptools,
 # aiohttp clients), with and without telemetry.

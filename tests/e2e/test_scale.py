@@ -160,6 +160,9 @@ def agent_env(service: str, instance: str, collector: Collector) -> dict[str, st
         OTEL_EXPORTER_OTLP_ENDPOINT=collector.otlp_http,
         OTEL_METRIC_EXPORT_INTERVAL="1000",
         OTEL_BSP_SCHEDULE_DELAY="500",
+        # One organisation's fleet: servers continue their clients' traces, so that a trace
+        # (and the tail-sampling decision on it) spans both agents (docs/scaling.md).
+        OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT="parent",
     )
     return env
 

@@ -172,6 +172,9 @@ class ServerAgent:
         finally:
             sweeper.cancel()
             self.sessions.close_all()
+            if self._outbound is not None:  # its pooled connections to peers' endpoints
+                await self._outbound.http.aclose()
+                self._outbound = None
 
     async def _sweep_forever(self) -> None:
         while True:
