@@ -200,3 +200,24 @@ def test_the_token_bucket_refills_and_says_when_to_retry() -> None:
     assert len(limiter._buckets) == 2  # bounded: the least recent peer was forgotten
     with pytest.raises(ValueError):
         HandshakeLimiter("fast")
+
+
+async def test_a_peer_at_its_session_limit_spends_nothing_of_the_global_rate(
+    start_server, make_client
+) -> None:
+    """Refused for its own share, a peer's further handshakes must not drain the rate that
+    all peers share: another peer still gets in."""
+    server, url = await start_server(
+        sessions=SessionManager(max_sessions_per_peer=2), global_handshake_rate="20/minute"
+    )
+    did = str(server.identity.did)
+    greedy = await make_client()
+    for _ in range(2):
+        await greedy.connect(url, did)
+    for _ in range(12):
+        with pytest.raises(PeerError) as info:
+            await greedy.connect(url, did)
+        assert info.value.code == "peer_session_limit"
+    newcomer = await make_client()
+    conn = await newcomer.connect(url, did)
+    assert await newcomer.send(conn, "in") == "in"

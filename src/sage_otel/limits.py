@@ -68,8 +68,26 @@ def session_limits() -> SessionLimits:
 
 
 def edge_limits() -> EdgeLimits:
-    """The HTTP edge limits (:class:`~.agent.edge.EdgeLimits`)."""
-    return EdgeLimits(**positive_numbers(EDGE_LIMIT_ENV))
+    """The HTTP edge limits (:class:`~.agent.edge.EdgeLimits`); a connection cap the process's
+    file-descriptor limit cannot reach is refused (it would never apply)."""
+    limits = positive_numbers(EDGE_LIMIT_ENV)
+    wanted, most = limits.get("max_connections"), _open_files_limit()
+    if wanted is not None and most is not None and wanted >= most:
+        variable = EDGE_LIMIT_ENV["max_connections"][0]
+        raise ValueError(
+            f"{variable}={wanted}: not below this process's file-descriptor limit ({most}); "
+            "raise it first (ulimit -n)"
+        )
+    return EdgeLimits(**limits)
+
+
+def _open_files_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def outbound_policy() -> OutboundPolicy:
@@ -137,7 +155,15 @@ def admission_limits() -> AdmissionLimits:
 
 
 def validate() -> None:
-    """Parse every limit variable; the first bad one raises ValueError naming it."""
+    """Parse every limit variable and the instrumentation's choices; the first bad one raises
+    ValueError naming it (the instrumentation alone only warns: it must not stop a program
+    it was attached to)."""
+    from .instrumentation import (
+        CRYPTO_DETAIL_ENV,
+        CRYPTO_DETAILS,
+        INBOUND_TRACE_CONTEXT_ENV,
+        INBOUND_TRACE_CONTEXTS,
+    )
     from .telemetry.web import metrics_server_limits
 
     session_limits()
@@ -145,3 +171,10 @@ def validate() -> None:
     edge_limits()
     outbound_policy()
     metrics_server_limits()
+    for variable, choices in (
+        (INBOUND_TRACE_CONTEXT_ENV, INBOUND_TRACE_CONTEXTS),
+        (CRYPTO_DETAIL_ENV, CRYPTO_DETAILS),
+    ):
+        text = os.environ.get(variable, "").strip()
+        if text and text not in choices:
+            raise ValueError(f"{variable}={text!r}: not one of {', '.join(choices)}")

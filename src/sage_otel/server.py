@@ -146,12 +146,28 @@ def _telemetry(**metrics: Any) -> Any:
     )
 
 
+METRICS_ROUTE_ENV = "SAGE_OTEL_METRICS_ROUTE"
+
+
+def _metrics_route_wanted() -> bool:
+    """``GET /metrics`` on the agent's own port: for several workers under a plain ASGI
+    server, which has no metrics port of its own. Never when a web config asks for TLS or
+    basic auth (they hold on the metrics port only), nor under ``sage-otel serve`` (which has
+    its metrics port, and sets ``SAGE_OTEL_METRICS_ROUTE=off``)."""
+    from .telemetry.web import WEB_CONFIG_ENV
+
+    if os.environ.get(WEB_CONFIG_ENV):
+        return False
+    return os.environ.get(METRICS_ROUTE_ENV, "on").strip().lower() != "off"
+
+
 def create_app() -> Any:
     """The ASGI app of one worker: the SAGE server agent, its telemetry, ``GET /metrics``."""
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
 
+    validate_limits()  # under a plain ASGI server too: refuse to start rather than serve badly
     identity = load_identity(
         os.environ.get(IDENTITY_ENV) or "sage-identity.json", os.environ.get(CHAIN_ENV, "solana")
     )
@@ -173,7 +189,7 @@ def create_app() -> Any:
 
     from .telemetry.multiprocess import multiprocess_dir, multiprocess_registry
 
-    if multiprocess_dir() is not None:
+    if multiprocess_dir() is not None and _metrics_route_wanted():
         from prometheus_client.exposition import choose_encoder
 
         registry = multiprocess_registry()
@@ -268,6 +284,7 @@ def serve(
             print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
             return 2
     os.environ.pop("OTEL_EXPORTER_PROMETHEUS_PORT", None)  # workers never bind a metrics port
+    os.environ[METRICS_ROUTE_ENV] = "off"  # /metrics is on the metrics port, with its config
     from .telemetry.multiprocess import multiprocess_registry
     from .telemetry.setup import sdk_disabled
     from .telemetry.web import WEB_CONFIG_ENV, WebConfigError, start_metrics_server

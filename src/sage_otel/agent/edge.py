@@ -89,7 +89,8 @@ def refusal_bytes(error: SageError, default_headers: list[tuple[bytes, bytes]]) 
 
 
 class _Idle:
-    """One server's connections that have no request in flight, the longest idle first."""
+    """One server's connections with no whole request in flight (idle, or still sending
+    one), the longest-waiting first."""
 
     def __init__(self) -> None:
         self.order: dict[SageHttpProtocol, None] = {}
@@ -105,6 +106,7 @@ class _Idle:
         return False
 
 
+_upgrade_warned = False
 _idle_by_server: weakref.WeakKeyDictionary[Any, _Idle] = weakref.WeakKeyDictionary()
 
 
@@ -203,6 +205,13 @@ class SageHttpProtocol(HttpToolsProtocol):
         if self._in_headers and self._header_bytes > self._max_header_bytes:
             self.refuse(HeadersTooLargeError("request headers too large"))
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn warns on every ``Upgrade`` request: anyone could fill the log. Once."""
+        global _upgrade_warned
+        if not _upgrade_warned:
+            _upgrade_warned = True
+            self.logger.warning("Unsupported upgrade request (logged once; answered as HTTP/1.1)")
+
     def refuse(self, error: SageError) -> None:
         """Answer ``error`` if no answer has begun, and close: nothing more is read."""
         self._refused = True
@@ -234,10 +243,13 @@ class SageHttpProtocol(HttpToolsProtocol):
             raise _Refused
         self._in_headers = False
         self._header_bytes = 0
-        self._idle.order.pop(self, None)  # a request in flight: never evicted
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        # A whole request in flight: never evicted. Until its body has all come, it stays
+        # evictable like any connection that has not sent a request yet: a peer trickling
+        # bodies cannot hold the cap any more than one trickling headers.
+        self._idle.order.pop(self, None)
         self._disarm_deadline()
         self._in_headers = True
         super().on_message_complete()

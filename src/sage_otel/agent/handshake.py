@@ -454,6 +454,7 @@ class Responder:
         self.limiter.hit(sender)
         if self.address_limiter is not None:
             self.address_limiter.hit(source)
+        self.sessions.check_shares(init_did, source)  # at its limit: spend nothing shared
         if self.global_limiter is not None:
             self.global_limiter.hit(newcomer=not self.sessions.is_established(init_did))
         self.sessions.admit(init_did, source=source)

@@ -337,19 +337,27 @@ class SessionManager:
             return False
         return self.clock() - self._sessions[oldest].created_at >= self.established_after
 
-    def admit(self, peer_did: str, *, source: str = "") -> None:
-        """Raise unless one more session with ``peer_did`` from ``source`` fits, evicting
-        the longest-idle session of a much bigger holder to make room; cheap, so checked
-        before any handshake work."""
-        peer, address = _peer_key(peer_did), address_key(source)
-        held = self._by_peer.count(peer)
+    def check_shares(self, peer_did: str, source: str = "") -> tuple[int, int]:
+        """Raise if ``peer_did`` or ``source`` already holds its whole share; else the
+        sessions each holds. Changes nothing: checked before a handshake spends any shared
+        allowance (the global rate), so a peer at its limit cannot spend it for others."""
+        held = self._by_peer.count(_peer_key(peer_did))
         if held >= self.max_sessions_per_peer:
             raise RateLimitedError("too many sessions for this peer", code="peer_session_limit")
+        address = address_key(source)
         from_address = self._by_address.count(address) if address is not None else 0
         if self.max_sessions_per_address and from_address >= self.max_sessions_per_address:
             raise RateLimitedError(
                 "too many sessions from this address", code="address_session_limit"
             )
+        return held, from_address
+
+    def admit(self, peer_did: str, *, source: str = "") -> None:
+        """Raise unless one more session with ``peer_did`` from ``source`` fits, evicting
+        the longest-idle session of a much bigger holder to make room; cheap, so checked
+        before any handshake work."""
+        held, from_address = self.check_shares(peer_did, source)
+        address = address_key(source)
         table_full = len(self._sessions) >= self.max_sessions
         newcomers_full = len(self._newcomers) >= math.ceil(self.new_peer_share * self.max_sessions)
         if not held and newcomers_full:

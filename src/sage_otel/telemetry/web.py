@@ -96,9 +96,14 @@ def load_web_config(path: str | Path) -> dict[str, Any]:
         import yaml
     except ImportError as exc:  # JSON is YAML too, but say what to install
         raise WebConfigError(
-            "a web config needs the 'web' extra: pip install sage-otel[web]"
+            "a web config needs the 'web' extra: pip install 'sage-otel[web]'"
         ) from exc
-    config = yaml.safe_load(text) or {}
+    try:
+        config = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise WebConfigError(f"{path}: not valid YAML{where}") from None
     if not isinstance(config, dict) or set(config) - {"tls_server_config", "basic_auth_users"}:
         raise WebConfigError(f"{path}: only tls_server_config and basic_auth_users are known")
     return config
@@ -198,9 +203,15 @@ def _tls_context(tls: dict[str, Any]) -> ssl.SSLContext:
         context.load_cert_chain(tls["cert_file"], tls["key_file"])
     except KeyError as exc:
         raise WebConfigError("tls_server_config needs cert_file and key_file") from exc
+    except OSError as exc:  # a missing file, or a certificate and key that do not match
+        names = f"{tls['cert_file']}, {tls['key_file']}"
+        raise WebConfigError(f"tls_server_config ({names}): {exc.strerror or exc}") from None
     if tls.get("client_ca_file"):
         context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(tls["client_ca_file"])
+        try:
+            context.load_verify_locations(tls["client_ca_file"])
+        except OSError as exc:
+            raise WebConfigError(f"{tls['client_ca_file']}: {exc.strerror or exc}") from None
     return context
 
 
