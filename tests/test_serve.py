@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,11 @@ def test_counts_are_exact_across_workers_and_survive_a_killed_worker(tmp_path: P
         assert processed == delivered
         replays = sum(r["replays_rejected"] for r in runs)
         assert _metric(text, "sage_replay_attacks_detected_total") == replays
+        # /metrics is the metrics port's (with its web config, when there is one): the
+        # agent's own port, which faces peers, does not serve it.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            fetch(url + "/metrics")
+        assert refused.value.code == 404
     finally:
         elapsed = _stop(process)
     assert elapsed < 8.0
@@ -262,6 +268,32 @@ def test_the_demo_drives_its_server_in_its_own_process_with_fast(tmp_path: Path)
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["messages_ok"] > 100 and not summary["unexpected_errors"]
     assert summary["replays_rejected"] > 0 and summary["handshakes_failed"] > 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT", "PARENT"),
+        ("OTEL_PYTHON_SAGE_CRYPTO_DETAIL", "verbose"),
+        ("SAGE_OTEL_MAX_CONNECTIONS", "99999999"),
+        ("SAGE_OTEL_METRICS_WORKERS", "0"),
+        ("SAGE_OTEL_METRICS_WEB_CONFIG", "BAD_YAML"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_exit_2_before_any_side_effect(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    if value == "BAD_YAML":
+        value = str(tmp_path / "web.yml")
+        Path(value).write_text("tls_server_config: [\n")
+    done = subprocess.run(
+        [str(BIN), "serve", "--port", str(free_port()), "--metrics-port", str(free_port()),
+         "--identity", str(tmp_path / "id.json")],
+        capture_output=True, text=True, timeout=30, env={**_clean_env(), variable: value},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "id.json").exists()  # nothing created
 
 
 @pytest.mark.parametrize(

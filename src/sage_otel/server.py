@@ -262,10 +262,14 @@ def serve(
     """Run the server agent with ``workers`` processes; 0 on SIGTERM, 2 when it cannot start."""
     import asyncio
 
-    try:
+    from .telemetry.web import WEB_CONFIG_ENV, check_web_config
+
+    web_config = os.environ.get(WEB_CONFIG_ENV) or None
+    try:  # every check before the first side effect (the identity file)
         validate_limits()
-        identity = load_identity(identity_path, chain)
-    except (IdentityFileError, OSError, ValueError) as error:
+        if web_config:
+            check_web_config(web_config)
+    except (OSError, ValueError) as error:
         print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
         return 2
     for what, h, p in (("agent", host, port), ("metrics", metrics_host, metrics_port)):
@@ -273,6 +277,11 @@ def serve(
         if reason is not None:
             print(f"sage-otel serve: cannot start: {what} port {h}:{p}: {reason}", file=sys.stderr)
             return 2
+    try:
+        identity = load_identity(identity_path, chain)
+    except (IdentityFileError, OSError, ValueError) as error:
+        print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
+        return 2
     url = f"http://{host}:{port}"
     os.environ[IDENTITY_ENV] = str(Path(identity_path).resolve())
     os.environ[CHAIN_ENV] = chain
@@ -287,9 +296,8 @@ def serve(
     os.environ[METRICS_ROUTE_ENV] = "off"  # /metrics is on the metrics port, with its config
     from .telemetry.multiprocess import multiprocess_registry
     from .telemetry.setup import sdk_disabled
-    from .telemetry.web import WEB_CONFIG_ENV, WebConfigError, start_metrics_server
+    from .telemetry.web import WebConfigError, start_metrics_server
 
-    web_config = os.environ.get(WEB_CONFIG_ENV) or None
     shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     try:
         if workers == 1 and not shared and not sdk_disabled():

@@ -424,6 +424,23 @@ class MetricsServer(WSGIServer):
                     self._in_flight -= 1
 
 
+def _apply_web_config(app: Any, web_config: str | Path | None) -> tuple[Any, ssl.SSLContext | None]:
+    """``app`` behind the config's basic auth, and its TLS context; WebConfigError if unusable."""
+    if web_config is None:
+        return app, None
+    config = load_web_config(web_config)
+    if config.get("basic_auth_users"):
+        app = _BasicAuth(app, dict(config["basic_auth_users"]))
+    tls = config.get("tls_server_config")
+    return app, _tls_context(tls) if tls else None
+
+
+def check_web_config(web_config: str | Path) -> None:
+    """Read and check a web config as the server would, without opening anything: so that a
+    command can refuse a bad one before any side effect."""
+    _apply_web_config(lambda environ, start_response: [], web_config)
+
+
 def start_metrics_server(
     port: int,
     addr: str,
@@ -436,14 +453,7 @@ def start_metrics_server(
     the port is taken, WebConfigError if the config or a limit variable is unusable.
     ``limits`` default to ``metrics_server_limits()``, read from the environment."""
     limits = limits if limits is not None else metrics_server_limits()
-    app = make_wsgi_app(registry)
-    context = None
-    if web_config is not None:
-        config = load_web_config(web_config)
-        if config.get("basic_auth_users"):
-            app = _BasicAuth(app, dict(config["basic_auth_users"]))
-        if config.get("tls_server_config"):
-            context = _tls_context(config["tls_server_config"])
+    app, context = _apply_web_config(make_wsgi_app(registry), web_config)
     server = MetricsServer((addr, port), app, limits, context)
     thread = threading.Thread(target=server.serve_forever, name="sage-metrics", daemon=True)
     thread.start()
