@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -382,13 +383,133 @@ def test_push_slots_hold_per_endpoint_and_in_total() -> None:
     with pytest.raises(RateLimitedError) as info:
         slots.acquire("http://a.example:80")
     assert info.value.code == "push_backlog" and info.value.http_status == 429
-    slots.acquire("http://b.example")
-    with pytest.raises(RateLimitedError):
-        slots.acquire("http://c.example")  # the total is reached
     first.release()
     first.release()  # twice is harmless
-    assert slots.in_flight == 2
+    assert slots.in_flight == 1
+    slots.acquire("http://b.example")
     slots.acquire("http://c.example")
+    with pytest.raises(RateLimitedError):
+        slots.acquire("http://d.example")  # the total is reached, nobody holds 2 more than d
+    assert slots.in_flight == 3
+
+
+class FakeTask:
+    """Stands for a push task: records that it was cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+def test_a_full_total_evicts_the_oldest_push_of_the_biggest_holder() -> None:
+    slots = PushSlots(per_peer=4, total=6)
+    a1, a2, a3 = (slots.acquire("http://a.example") for _ in range(3))
+    b1, b2 = (slots.acquire("http://b.example") for _ in range(2))
+    c1 = slots.acquire("http://c.example")
+    tasks = {slot: FakeTask() for slot in (a1, a3, b1, b2, c1)}  # a2: a direct push(), no task
+    for slot, task in tasks.items():
+        slot.attach(task)
+
+    d1 = slots.acquire("http://d.example")  # a holds 3 >= 0 + 2: its oldest goes
+    assert a1.evicted and tasks[a1].cancelled and slots.in_flight == 6
+    assert (slots.held("http://a.example"), slots.held("http://d.example")) == (2, 1)
+    a1.release()  # the cancelled task's done-callback: harmless
+    assert slots.in_flight == 6
+
+    for requester in ("http://d.example", "http://c.example"):  # they hold 1; a and b hold 2
+        with pytest.raises(RateLimitedError) as info:
+            slots.acquire(requester)
+        assert info.value.code == "push_backlog"
+
+    e1 = slots.acquire("http://e.example")  # a and b hold 2: a's push is the older
+    assert a2.evicted and not b1.evicted and slots.held("http://a.example") == 1
+    late = FakeTask()
+    a2.attach(late)  # a task attached after its slot was evicted is cancelled at once
+    assert late.cancelled
+    with pytest.raises(RateLimitedError):
+        slots.acquire("http://e.example")  # b holds 2 < 1 + 2
+    f1 = slots.acquire("http://f.example")
+    assert b1.evicted and tasks[b1].cancelled and not tasks[b2].cancelled
+    with pytest.raises(RateLimitedError):
+        slots.acquire("http://g.example")  # everyone holds 1: nothing to evict
+    assert not any(tasks[slot].cancelled for slot in (a3, b2, c1))
+
+    live = (a3, b2, c1, d1, e1, f1)
+    assert slots.in_flight == len(live)
+    for slot in (a1, a2, b1, *live, *live):
+        slot.release()
+        assert slots.in_flight >= 0
+    assert slots.in_flight == 0 and not slots._by_endpoint
+    assert not any(slot.evicted for slot in live)
+
+
+async def test_endpoints_that_never_answer_cannot_starve_a_legit_go_peer(
+    start_server, make_client, registry, endpoint, caplog
+) -> None:
+    """Two hostile peers keep the total full of pushes that hang; a legit peer's replies
+    still go out, because each of its pushes evicts the oldest of a much bigger holder."""
+    policy = OutboundPolicy(total=8, per_peer=4)
+    server, url = await start_server(AgentIdentity.generate(Chain.ETHEREUM), outbound=policy)
+    await register_identity(registry, server.identity)
+    hang = asyncio.Event()  # never set: the hostile endpoints read and never answer
+
+    async def stall(reader, writer) -> None:
+        await read_request(reader)
+        await hang.wait()
+
+    async def go_peer(endpoint_url: str | None):
+        identity = AgentIdentity.generate(Chain.SOLANA)
+        client = await make_client(identity, registered=False)
+        if endpoint_url is None:  # legit: it listens for the server's pushes
+            endpoint_url = f"http://127.0.0.1:{await client.listen()}"
+        await register_identity(registry, identity, endpoint=endpoint_url)
+        conn = await client.connect(url, str(server.identity.did), profile=PeerProfile.GO)
+        return client, conn
+
+    hostile = [await endpoint(stall, host) for host in ("127.0.0.2", "127.0.0.3")]
+    attackers = [await go_peer(each.url) for each in hostile]
+
+    async def keep_full(client, conn) -> None:
+        while True:
+            with contextlib.suppress(PeerError):
+                await client.send(conn, "hog")
+            await asyncio.sleep(0.005)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        for _ in range(500):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("not in 5 s")
+
+    def full() -> bool:
+        return server.push_slots.in_flight == policy.total
+
+    def hostile_connections() -> int:
+        return sum(each.connections for each in hostile)
+
+    flooding = [asyncio.create_task(keep_full(*attacker)) for attacker in attackers]
+    rounds = 10
+    try:
+        client, conn = await go_peer(None)
+        for index in range(rounds):
+            await until(full)  # the attackers refilled what the last message evicted
+            assert await client.send(conn, f"legit {index}") is None
+            assert await client.receive(conn, timeout=5) == f"legit {index}".encode()
+            assert server.push_slots.in_flight <= policy.total
+        assert all(server.push_slots.held(each.url) <= policy.per_peer for each in hostile)
+        # Each legit message evicted one hanging push, which the attackers then replaced.
+        await until(lambda: hostile_connections() >= policy.total + rounds)
+        assert hostile_connections() == policy.total + rounds
+        assert len(server._pushes) <= policy.total  # evicted push tasks are gone
+    finally:
+        for task in flooding:
+            task.cancel()
+        await asyncio.gather(*flooding, return_exceptions=True)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_a_push_to_a_denied_endpoint_never_leaves_and_the_sender_still_gets_its_answer(

@@ -9,8 +9,11 @@ name that resolves to a refused address, now or after a DNS change, is refused t
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from yarl import URL
 
@@ -106,42 +109,92 @@ def endpoint_key(url: str) -> str:
 
 
 class PushSlot:
-    """A reservation of one concurrent push; releasing twice is harmless."""
+    """A reservation of one concurrent push; releasing twice is harmless.
 
-    def __init__(self, slots: PushSlots, key: str) -> None:
+    The task doing the push is :meth:`attach`-ed so that :class:`PushSlots` can cancel it
+    when it evicts the slot to make room for a smaller holder.
+    """
+
+    def __init__(self, slots: PushSlots, key: str, order: int) -> None:
         self._slots = slots
         self._key: str | None = key
+        self.order = order  # lower is older: the eviction order within an endpoint
+        self.evicted = False
+        self._task: asyncio.Future[Any] | None = None
+
+    def attach(self, task: asyncio.Future[Any]) -> None:
+        """The task doing this push: cancelled on eviction (at once if already evicted)."""
+        if self.evicted:
+            task.cancel()
+        elif self._key is not None:
+            self._task = task
 
     def release(self) -> None:
         if self._key is not None:
-            self._slots._release(self._key)
+            self._slots._release(self, self._key)
             self._key = None
+            self._task = None
+
+    def _evict(self) -> None:
+        """Free the slot now and cancel its push, if it has a task; a later release is a no-op."""
+        task = self._task
+        self.release()
+        self.evicted = True
+        if task is not None:
+            task.cancel()
 
 
 class PushSlots:
     """Pushes in flight, at most ``per_peer`` per endpoint and ``total`` in all.
 
     Taking a slot never waits: without one the caller is refused at once (429), so no
-    push queues without bound behind an endpoint that never answers.
+    push queues without bound behind an endpoint that never answers. When only the total
+    is full, the oldest push of the endpoint holding the most slots is cancelled to make
+    room, provided that endpoint holds at least two more than the requester (so the two
+    cannot take turns evicting each other): a few endpoints that never answer cannot
+    starve the others, as the session table evicts from its biggest holder.
     """
 
     def __init__(self, per_peer: int = PER_PEER, total: int = TOTAL) -> None:
         self.per_peer = per_peer
         self.total = total
         self.in_flight = 0
-        self._by_endpoint: dict[str, int] = {}
+        self._by_endpoint: dict[str, dict[PushSlot, None]] = {}  # insertion order: oldest first
+        self._orders = itertools.count()
 
     def acquire(self, endpoint: str) -> PushSlot:
         key = endpoint_key(endpoint)
-        held = self._by_endpoint.get(key, 0)
-        if held >= self.per_peer or self.in_flight >= self.total:
+        held = len(self._by_endpoint.get(key, ()))
+        if held >= self.per_peer or (self.in_flight >= self.total and not self._evict_for(held)):
             raise RateLimitedError("too many replies in flight: retry later", code="push_backlog")
-        self._by_endpoint[key] = held + 1
+        slot = PushSlot(self, key, next(self._orders))
+        self._by_endpoint.setdefault(key, {})[slot] = None
         self.in_flight += 1
-        return PushSlot(self, key)
+        return slot
 
-    def _release(self, key: str) -> None:
+    def held(self, endpoint: str) -> int:
+        """Slots the endpoint of ``endpoint`` holds now."""
+        return len(self._by_endpoint.get(endpoint_key(endpoint), ()))
+
+    def _evict_for(self, held: int) -> bool:
+        """Evict the oldest slot of the biggest holder if it holds ``held + 2`` or more.
+
+        Among equally big holders, the one with the oldest push goes first. At most
+        ``total`` endpoints hold slots, so the scan is short.
+        """
+        biggest = max(
+            self._by_endpoint.values(),
+            key=lambda slots: (len(slots), -next(iter(slots)).order),
+            default=None,
+        )
+        if biggest is None or len(biggest) < held + 2:
+            return False
+        next(iter(biggest))._evict()
+        return True
+
+    def _release(self, slot: PushSlot, key: str) -> None:
+        slots = self._by_endpoint[key]
+        del slots[slot]
+        if not slots:
+            del self._by_endpoint[key]
         self.in_flight -= 1
-        held = self._by_endpoint.pop(key) - 1
-        if held:
-            self._by_endpoint[key] = held

@@ -80,6 +80,7 @@ def error_answer(error: SageError, message_id: str = "", task_id: str = "") -> R
 
 _logger = logging.getLogger(__name__)
 _defect_logged = False
+_push_failures_logged: set[str] = set()
 
 
 def _log_defect_once() -> None:
@@ -366,12 +367,20 @@ class ServerAgent:
         task.add_done_callback(self._pushes.discard)
         if slot is not None:  # also when the task is cancelled before it starts
             task.add_done_callback(lambda _task: slot.release())
+            slot.attach(task)  # cancelled if the slot is evicted (already: cancelled now)
 
     async def _push_quietly(
         self, session: Session, data: str | bytes, slot: PushSlot | None
     ) -> None:
-        with contextlib.suppress(SageError):  # the sender already had its answer
+        try:
             await self.push(session, data, slot=slot)
+        except SageError as error:  # the sender already had its answer: tell the operator
+            if error.code not in _push_failures_logged:
+                _push_failures_logged.add(error.code)
+                _logger.warning(
+                    "sage-otel: a push to a peer's endpoint failed: %s (logged once per code)",
+                    error.code,
+                )
 
     async def push(
         self, session: Session, data: str | bytes, *, slot: PushSlot | None = None
