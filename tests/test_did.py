@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +432,119 @@ async def test_json_file_registry_skips_entries_that_do_not_verify(tmp_path: Pat
     assert registry.refused == 3
     assert await registry.lookup(good.did) == good
     assert await registry.lookup(DIDDocument.from_json(unsigned).did) is None
+
+
+# --- deactivations and rollbacks written by another process -------------------------------
+
+
+async def test_a_deactivation_by_another_process_is_refused_on_a_quiet_server(
+    tmp_path: Path,
+) -> None:
+    """Another process deactivates a DID while this server has no traffic: the first
+    handshake after the resolver's TTL is refused. Before, only a lookup that missed
+    re-read the file, so the found (active) document was cached again, TTL after TTL."""
+    path = tmp_path / "registry.json"
+    victim = AgentIdentity.generate(Chain.SOLANA)
+    await register(JsonFileRegistry(path), victim)
+    server = JsonFileRegistry(path, reread_interval=0.2)
+    resolver = DIDResolver(server, ttl=0.5)
+    assert (await resolver.resolve(victim.did)).active
+    await deactivate(JsonFileRegistry(path), victim)  # another process
+    assert (await resolver.resolve(victim.did)).active  # cached: the TTL is the window
+    await asyncio.sleep(0.5 + 0.2)  # quiet: no lookup meanwhile
+    for _ in range(2):
+        with pytest.raises(InactiveAgentError):
+            await resolver.resolve(victim.did)
+
+
+async def test_a_found_did_is_answered_at_once_and_refreshed_behind(tmp_path: Path) -> None:
+    """Right after a re-read, a lookup that finds its DID in a changed file does not wait
+    for the next one: it answers from the table, the resolver does not cache that answer,
+    and the re-read still happens with no further lookup."""
+    path = tmp_path / "registry.json"
+    writer = JsonFileRegistry(path)
+    victim = AgentIdentity.generate(Chain.SOLANA)
+    await register(writer, victim)
+    server = JsonFileRegistry(path, reread_interval=0.5)
+    resolver = DIDResolver(server, ttl=60.0)
+    await register(writer, AgentIdentity.generate(Chain.ETHEREUM))
+    assert await server.lookup(AgentIdentity.generate(Chain.SOLANA).did) is None  # re-read
+    await deactivate(writer, victim)
+    started = time.monotonic()
+    assert (await resolver.resolve(victim.did)).active  # the table as it is
+    assert time.monotonic() - started < 0.25  # not held for the next re-read
+    await asyncio.sleep(0.8)  # the re-read runs in the background
+    assert not server._docs[victim.did].active
+    with pytest.raises(InactiveAgentError):  # the stale answer was not cached for 60 s
+        await resolver.resolve(victim.did)
+
+
+async def test_a_failing_background_reread_is_logged_once_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "registry.json"
+    writer = JsonFileRegistry(path)
+    victim = AgentIdentity.generate(Chain.SOLANA)
+    doc = await register(writer, victim)
+    server = JsonFileRegistry(path, reread_interval=0.05)
+    read_file = server._read_file
+
+    def broken() -> None:
+        raise RuntimeError("unforeseen")
+
+    server._read_file = broken  # type: ignore[method-assign]
+    await deactivate(writer, victim)
+    for _ in range(4):
+        assert await server.lookup(victim.did) == doc  # what is known, never an error
+        await asyncio.sleep(0.06)
+    failures = [r for r in caplog.records if "re-read failed" in r.getMessage()]
+    assert len(failures) == 1
+    server._read_file = read_file  # type: ignore[method-assign]
+    await asyncio.sleep(0.1)
+    assert not (await server.lookup(victim.did)).active
+
+
+@pytest.mark.parametrize("replaced", ["deactivation", "kem_key"])
+async def test_restoring_an_older_signed_entry_does_not_roll_back_a_running_registry(
+    tmp_path: Path, replaced: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer of the file puts back the victim's older line (genuinely signed, so it
+    verifies): a process that saw the deactivation or the KEM key rotation keeps the newer
+    document. Before, the next re-read took the older one back."""
+    path = tmp_path / "registry.json"
+    writer = JsonFileRegistry(path)
+    victim = AgentIdentity.generate(Chain.ETHEREUM)
+    original = await register(writer, victim)
+    older_file = path.read_bytes()
+    server = JsonFileRegistry(path, reread_interval=0.05)
+    resolver = DIDResolver(server, ttl=0.0)
+    if replaced == "deactivation":
+        await deactivate(writer, victim)
+        newer = dataclasses.replace(original, active=False)
+    else:
+        newer = dataclasses.replace(
+            original, kem_public_key=AgentIdentity.generate(Chain.SOLANA).kem.public
+        )
+        await writer.register(newer, sign_registration(victim, newer))
+    await asyncio.sleep(0.06)
+    assert await server.lookup(AgentIdentity.generate(Chain.SOLANA).did) is None  # re-read
+    assert await server.lookup(victim.did) == newer
+
+    path.write_bytes(older_file)  # the rollback
+    await asyncio.sleep(0.06)
+    assert await server.lookup(AgentIdentity.generate(Chain.SOLANA).did) is None  # re-read
+    assert await server.lookup(victim.did) == newer
+    assert server.refused == 0 and server.rolled_back == 1
+    if replaced == "deactivation":
+        with pytest.raises(InactiveAgentError):
+            await resolver.resolve(victim.did)
+    else:
+        assert await resolver.resolve(victim.did) == newer
+    assert sum("would bring back" in r.getMessage() for r in caplog.records) == 1
+    # Nor can the older document be registered again through a process that saw it go.
+    for registry in (server, writer):
+        with pytest.raises(RegistrationError) as refused:
+            await registry.register(original, sign_registration(victim, original))
+        assert refused.value.code == "registration_rollback"
+    # The limit: a process started now trusts the file as it finds it.
+    assert await JsonFileRegistry(path).lookup(victim.did) == original

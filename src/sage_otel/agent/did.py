@@ -137,6 +137,12 @@ class Registry(ABC):
             raise RegistrationError("deactivation document must be inactive")
         await self.register(document, signature)
 
+    @property
+    def refreshing(self) -> bool:
+        """Whether a re-read that may change lookup answers is under way: the resolver
+        does not cache an answer given meanwhile, which may be stale."""
+        return False
+
 
 class InMemoryRegistry(Registry):
     def __init__(self) -> None:
@@ -189,19 +195,35 @@ class JsonFileRegistry(Registry):
 
     Writes take an exclusive ``flock`` on ``<file>.lock``, re-read the file and replace it
     atomically (in a worker thread), so registrations from several processes are never
-    lost. A lookup that misses re-reads the file if it changed, so a DID another process
-    registered is seen. That re-read never stalls the event loop: the file is read in a
-    worker thread and its new entries verified on the loop in slices of 2 ms; one re-read
-    runs at a time, at most one per ``reread_interval`` seconds, and lookups that miss
-    meanwhile wait for the next one. (A file in another JSON layout, edited by hand, is
-    parsed whole in the thread, which holds the interpreter for that long; the next
-    registration writes it back one entry a line.)
+    lost. A lookup re-reads the file if it changed (its mtime, size or inode), so a DID
+    another process registered, deactivated or updated is seen. That re-read never stalls
+    the event loop: the file is read in a worker thread and its new entries verified on the
+    loop in slices of 2 ms; one re-read runs at a time, at most one per ``reread_interval``
+    seconds. A lookup that misses waits for the next one. A lookup that finds its DID waits
+    only for a re-read that can start now (none ran in the last ``reread_interval``: a quiet
+    server, where the stale answer would admit a deactivated DID's next handshake);
+    otherwise it answers from the table at once and the re-read runs in the background
+    (:attr:`refreshing` meanwhile, so the resolver does not cache that answer). So a
+    deactivation written by another process is refused within the resolver's TTL plus
+    ``reread_interval`` (plus one re-read).
+
+    Registry signatures carry no version, so a writer of the file could restore an older
+    signed entry of a DID. In memory, a registry refuses the rollbacks it can tell: once it
+    has seen a DID inactive it never takes it back as active, and once it has seen a DID's
+    keys replaced it never takes the old keys back (entries that would, are ignored and
+    counted in :attr:`rolled_back`; :meth:`register` refuses them). The limit: a process
+    started afterwards trusts the file as it finds it, and a DID deactivated (or a key
+    replaced) cannot be brought back in a process that saw it go, only under a new DID or
+    a new key, or after that process restarts. (A file in another JSON layout, edited by
+    hand, is parsed whole in the thread, which holds the interpreter for that long; the
+    next registration writes it back one entry a line.)
     """
 
     def __init__(self, path: str | os.PathLike[str], *, reread_interval: float = 1.0) -> None:
         self.path = Path(path)
         self.reread_interval = reread_interval
         self.refused = 0  # entries of the file as last read that failed verification
+        self.rolled_back = 0  # entries of the file as last read refused as rollbacks
         self._lock = asyncio.Lock()
         self._docs: dict[DID, DIDDocument] = {}
         self._verified: dict[bytes, DIDDocument | None] = {}
@@ -209,6 +231,12 @@ class JsonFileRegistry(Registry):
         self._next: asyncio.Task[None] | None = None  # the re-read that lookups join
         self._running: asyncio.Task[None] | None = None
         self._last_reread = -math.inf
+        self._failed_stamp: tuple[int, int, int] | None = None  # reported re-read failure
+        # What this process has seen, to refuse rollbacks: each deactivated DID's last
+        # inactive document, and the keys each DID has replaced.
+        self._deactivated: dict[DID, DIDDocument] = {}
+        self._retired_keys: dict[DID, set[tuple[KeyType, bytes, bytes]]] = {}
+        self._rollbacks_reported: set[DIDDocument] = set()
         snapshot = self._read()
         if snapshot is not None:
             self._apply(snapshot)
@@ -275,8 +303,55 @@ class JsonFileRegistry(Registry):
                 self.path,
                 snapshot.refused,
             )
-        self._docs, self._verified = snapshot.documents, snapshot.verified
+        documents: dict[DID, DIDDocument] = {}
+        rollbacks = set()
+        previous, deactivated, retired = self._docs, self._deactivated, self._retired_keys
+        for did, document in snapshot.documents.items():
+            current = previous.get(did)
+            if current is document:  # an unchanged entry (verified before)
+                documents[did] = document
+                continue
+            if current is None and did not in deactivated and did not in retired:
+                documents[did] = document  # a DID first seen: nothing to roll back
+                if not document.active:
+                    deactivated[did] = document
+                continue
+            kept = self._admit(document)
+            if kept is not document:
+                rollbacks.add(document)
+            if kept is not None:
+                documents[did] = kept
+        if rollbacks - self._rollbacks_reported:
+            _logger.warning(
+                "registry %s: %d entries would bring back a deactivated DID or a replaced "
+                "key this process saw go; ignored",
+                self.path,
+                len(rollbacks),
+            )
+            self._rollbacks_reported |= rollbacks
+        self._docs, self._verified = documents, snapshot.verified
         self._stamp, self.refused = snapshot.stamp, snapshot.refused
+        self.rolled_back = len(rollbacks)
+
+    def _rolls_back(self, document: DIDDocument) -> bool:
+        """Whether ``document`` would re-activate a DID this process saw deactivated, or
+        give it keys it saw replaced (the file's signatures carry no version to tell)."""
+        return (document.active and document.did in self._deactivated) or _keys(
+            document
+        ) in self._retired_keys.get(document.did, ())
+
+    def _admit(self, document: DIDDocument) -> DIDDocument | None:
+        """What to hold for ``document``'s DID: ``document``, remembering what it replaces,
+        or, if it is a rollback, what this process holds instead (None: nothing)."""
+        did = document.did
+        current = self._docs.get(did)
+        if self._rolls_back(document):
+            return self._deactivated.get(did, current)
+        if current is not None and _keys(current) != _keys(document):
+            self._retired_keys.setdefault(did, set()).add(_keys(current))
+        if not document.active:
+            self._deactivated[did] = document
+        return document
 
     async def _reread(self) -> None:
         """Read in a worker thread, verify on the loop in slices; a file that cannot be
@@ -302,19 +377,31 @@ class JsonFileRegistry(Registry):
 
     async def lookup(self, did: DID) -> DIDDocument | None:
         document = self._docs.get(did)
-        if document is None and self._file_stamp() != self._stamp:
+        if self._file_stamp() == self._stamp:
+            return document
+        if document is None or time.monotonic() >= self._last_reread + self.reread_interval:
             await self._refresh()
-            document = self._docs.get(did)
+            return self._docs.get(did)
+        self._schedule_reread()  # a re-read ran moments ago: answer now, refresh behind
         return document
 
-    async def _refresh(self) -> None:
-        """Join the next re-read, scheduling it if none is: one runs at a time, each at
-        least ``reread_interval`` after the previous one started."""
+    @property
+    def refreshing(self) -> bool:
+        return any(task is not None and not task.done() for task in (self._next, self._running))
+
+    def _schedule_reread(self) -> asyncio.Task[None]:
+        """The next re-read, scheduled if none is: one runs at a time, each at least
+        ``reread_interval`` after the previous one started. The task is held in
+        ``_next`` then ``_running`` until it ends, and never raises but when cancelled."""
         loop = asyncio.get_running_loop()
         pending = self._next
         if pending is None or pending.done() or pending.get_loop() is not loop:
             pending = self._next = loop.create_task(self._reread_after(self._running))
-        await asyncio.shield(pending)
+        return pending
+
+    async def _refresh(self) -> None:
+        """Join the next re-read."""
+        await asyncio.shield(self._schedule_reread())
 
     async def _reread_after(self, previous: asyncio.Task[None] | None) -> None:
         if previous is not None and previous.get_loop() is asyncio.get_running_loop():
@@ -328,6 +415,14 @@ class JsonFileRegistry(Registry):
         self._last_reread = time.monotonic()
         try:
             await self._reread()
+        except Exception:  # unforeseen: keep serving what is known, retry on a later lookup
+            try:
+                stamp = self._file_stamp()
+            except OSError:
+                stamp = None
+            if stamp is None or stamp != self._failed_stamp:
+                _logger.exception("registry %s: re-read failed", self.path)
+            self._failed_stamp = stamp
         finally:
             if self._running is asyncio.current_task():
                 self._running = None
@@ -345,6 +440,11 @@ class JsonFileRegistry(Registry):
             snapshot = self._read()
             if snapshot is not None:
                 self._apply(snapshot)
+            if self._rolls_back(document):
+                raise RegistrationError(
+                    "this registry saw the DID deactivated or these keys replaced",
+                    code="registration_rollback",
+                )
             entries = dict(snapshot.entries) if snapshot is not None else {}
             entries[document.did] = registration_entry(document, signature)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-")
@@ -352,9 +452,13 @@ class JsonFileRegistry(Registry):
                 handle.write(registry_file_bytes(entries.values()))
             os.replace(tmp, self.path)
             # A re-read on the loop may apply an older reading meanwhile: it leaves the
-            # stamp behind, and the next miss reads the file again.
-            self._docs = {**self._docs, document.did: document}
+            # stamp behind, and the next lookup reads the file again.
+            self._docs = {**self._docs, document.did: self._admit(document) or document}
             self._stamp = None
+
+
+def _keys(document: DIDDocument) -> tuple[KeyType, bytes, bytes]:
+    return (document.key_type, document.public_key, document.kem_public_key)
 
 
 def registration_entry(document: DIDDocument, signature: bytes) -> bytes:
@@ -411,7 +515,10 @@ def _verified_entry(entry: bytes) -> DIDDocument | None:
 
 @dataclass
 class DIDResolver:
-    """Resolve DIDs through a registry, caching active documents for ``ttl`` seconds.
+    """Resolve DIDs through a registry, caching active documents for ``ttl`` seconds
+    (not while the registry is :attr:`~Registry.refreshing`: that answer may be stale).
+    So a deactivation is refused within ``ttl`` plus what the registry takes to see it
+    (:class:`JsonFileRegistry`: ``reread_interval`` and one re-read).
 
     Unknown and inactive DIDs are remembered too, for ``negative_ttl`` seconds, so a flood
     of requests from DIDs nobody registered costs the registry one lookup per DID per
@@ -442,7 +549,8 @@ class DIDResolver:
             _bounded_put(self._misses, did, (now + self.negative_ttl, inactive), self.max_entries)
             _raise_miss(inactive)
         self._misses.pop(did, None)
-        _bounded_put(self._cache, did, (now + self.ttl, document), self.max_entries)
+        if not self.registry.refreshing:  # else the answer may predate a deactivation
+            _bounded_put(self._cache, did, (now + self.ttl, document), self.max_entries)
         return document
 
     def invalidate(self, did: DID | None = None) -> None:
