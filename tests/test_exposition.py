@@ -44,6 +44,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
+import sage_otel
 from sage_otel.telemetry import exposition
 from sage_otel.telemetry.catalog import INSTRUMENTS, OTHER
 from support import fetch, free_port, running
@@ -443,7 +444,10 @@ def test_target_info_names_the_service(scrape: Scrape, fmt: str) -> None:
     info = [s for f in families.values() for s in f.samples if s.name == "target_info"]
     assert len(info) == 1
     assert info[0].labels["service_name"] == SERVICE_NAME
-    assert info[0].labels.get("service_version")
+    # The application's version only when it gives one; sage-otel's is the distro's.
+    assert "service_version" not in info[0].labels
+    assert info[0].labels["telemetry_distro_name"] == "sage-otel"
+    assert info[0].labels["telemetry_distro_version"] == sage_otel.__version__
     assert info[0].labels.get("service_instance_id")
 
 

@@ -1,5 +1,6 @@
-"""``sage_otel.configure()`` in-process: the singleton, the Resource, the OTEL_* environment,
-/metrics, sampling, OTLP (unreachable and real), and what ``shutdown()`` flushes and stops.
+"""``sage_otel.configure()`` in-process: its signature and documented table, the singleton,
+the Resource, the OTEL_* environment, /metrics, sampling, OTLP (unreachable and real), and
+what ``shutdown()`` flushes and stops.
 
 Everything stays on 127.0.0.1: the OTLP "collector" is a tiny ``http.server`` in this test.
 """
@@ -8,15 +9,21 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import inspect
 import os
+import re
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +52,7 @@ from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
 from sage_otel.telemetry.setup import Telemetry
 from support import fetch, free_port
 
+API_MD = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 SAGE_METRIC_NAMES = {instrument.name for instrument in INSTRUMENTS}
 HISTOGRAM_NAMES = {i.name for i in INSTRUMENTS if i.kind is Kind.HISTOGRAM}
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -175,6 +183,66 @@ def configure() -> Iterator[ConfigureFn]:
         leftover.shutdown()
 
 
+# --- the signature and its documentation -----------------------------------------------------
+
+
+def test_configure_shows_its_real_signature() -> None:
+    assert sage_otel.configure is setup.configure
+    signature = inspect.signature(sage_otel.configure)
+    assert signature == inspect.signature(setup.configure)
+    parameters = list(signature.parameters.values())
+    assert len(parameters) > 10 and "service_version" in signature.parameters
+    for parameter in parameters:
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY, parameter
+        assert parameter.annotation is not inspect.Parameter.empty, parameter
+        assert parameter.default is not inspect.Parameter.empty, parameter
+        assert not parameter.name.startswith("_"), f"{parameter} is private, yet public"
+    # Every annotation names a real type (what type checkers and help() show).
+    resolved = inspect.signature(sage_otel.configure, eval_str=True)
+    assert resolved.return_annotation is Telemetry
+    assert resolved.parameters["metrics_port"].annotation == int | None
+
+
+def test_import_sage_otel_loads_no_opentelemetry() -> None:
+    probe = (
+        "import sys, sage_otel; "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def documented_parameters() -> list[tuple[str, str, str, str]]:
+    """(name, type, default, meaning) of each row of docs/api.md's parameter table."""
+    text = API_MD.read_text(encoding="utf-8")
+    section = text.split("\n## Parameters\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        name, kind, default, meaning = cells
+        rows.append((name.strip("`"), kind.strip("`"), default.strip("`"), meaning))
+    return rows
+
+
+def test_docs_table_lists_exactly_the_signature() -> None:
+    rows = documented_parameters()
+    documented = [(name, kind, default) for name, kind, default, _ in rows]
+    actual = [
+        (p.name, str(p.annotation), repr(p.default))
+        for p in inspect.signature(sage_otel.configure).parameters.values()
+    ]
+    assert documented == actual
+    assert all(meaning for *_, meaning in rows)
+
+
+def test_the_package_is_typed() -> None:
+    assert (Path(sage_otel.__file__).parent / "py.typed").is_file()
+
+
 # --- the singleton --------------------------------------------------------------------------
 
 
@@ -182,7 +250,8 @@ def test_configure_is_idempotent(configure: ConfigureFn) -> None:
     first = configure()
     assert isinstance(first, Telemetry)
     assert setup.current() is first
-    second = configure(service_name="another-name", metrics_port=0)
+    with pytest.warns(RuntimeWarning, match="service_name='another-name'"):
+        second = configure(service_name="another-name", metrics_port=0)
     assert second is first
     assert first.resource.attributes["service.name"] == "sage-agent"
     first.shutdown()
@@ -198,9 +267,44 @@ def test_configure_is_idempotent(configure: ConfigureFn) -> None:
 def test_resource_defaults(configure: ConfigureFn) -> None:
     attributes = configure().resource.attributes
     assert attributes["service.name"] == "sage-agent"
-    assert attributes["service.version"] == sage_otel.__version__
+    # Only the application knows its version; sage-otel's is the distribution's.
+    assert "service.version" not in attributes
+    assert attributes["telemetry.distro.name"] == "sage-otel"
+    assert attributes["telemetry.distro.version"] == sage_otel.__version__
     uuid.UUID(str(attributes["service.instance.id"]))
     assert attributes["telemetry.sdk.language"] == "python"
+
+
+def test_a_second_call_with_other_settings_warns_and_keeps_the_first(
+    configure: ConfigureFn,
+) -> None:
+    first = configure(service_name="first", crypto_detail="events")
+    with pytest.warns(RuntimeWarning) as caught:
+        second = configure(service_name="other", crypto_detail="spans", traces=False)
+    assert second is first
+    assert first.resource.attributes["service.name"] == "first"
+    [warning] = caught
+    message = str(warning.message)
+    # Each ignored option with both values; nothing about the ones that agree.
+    for named in (
+        "service_name='other'",
+        "service_name='first'",
+        "crypto_detail='spans'",
+        "crypto_detail='events'",
+        "traces=False",
+        "traces=True",
+    ):
+        assert named in message, message
+    assert "metrics_port" not in message and "set_global" not in message, message
+    assert warning.filename == __file__  # points at the caller's line, not at sage-otel
+
+
+def test_a_second_call_with_the_same_settings_or_none_is_silent(configure: ConfigureFn) -> None:
+    first = configure(service_name="same", crypto_detail="events")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert configure(service_name="same", crypto_detail="events") is first
+        assert configure() is first  # defaults ask for nothing: how a library finds the setup
 
 
 def test_instance_id_is_fresh_per_configuration(configure: ConfigureFn) -> None:
@@ -221,6 +325,15 @@ def test_the_environment_names_the_instance_and_version(
     assert attributes["service.version"] == "2.0.1"
 
 
+def test_service_version_is_the_applications(
+    configure: ConfigureFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.version=2.0.1")
+    attributes = configure(service_version="1.4.2").resource.attributes
+    assert attributes["service.version"] == "1.4.2"  # the argument wins over the environment
+    assert attributes["telemetry.distro.version"] == sage_otel.__version__
+
+
 def test_otel_service_name(configure: ConfigureFn, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "billing-agent")
     assert configure().resource.attributes["service.name"] == "billing-agent"
@@ -232,7 +345,7 @@ def test_otel_resource_attributes(configure: ConfigureFn, monkeypatch: pytest.Mo
     assert attributes["deployment.environment.name"] == "ci"
     assert attributes["team"] == "sage"
     assert attributes["service.name"] == "sage-agent"
-    assert attributes["service.version"] == sage_otel.__version__
+    assert "service.version" not in attributes
 
 
 def test_service_name_from_resource_attributes(
@@ -528,8 +641,15 @@ def check_exported_telemetry(
         for rs in request.resource_spans:
             resource = {a.key: a.value.string_value for a in rs.resource.attributes}
             assert resource["service.name"] == service_name
-            assert resource["service.version"] == sage_otel.__version__
-            spans.extend(span for ss in rs.scope_spans for span in ss.spans)
+            # No version given: none reported, sage-otel's own is the distribution's.
+            assert "service.version" not in resource
+            assert resource["telemetry.distro.version"] == sage_otel.__version__
+            for ss in rs.scope_spans:
+                assert (ss.scope.name, ss.scope.version) == (
+                    "sage_otel.instrumentation",
+                    sage_otel.__version__,
+                )
+                spans.extend(ss.spans)
     names = {span.name for span in spans}
     assert names >= EXCHANGE_SPANS, EXCHANGE_SPANS - names
     assert all(name.startswith("sage.") for name in names), names
@@ -558,6 +678,8 @@ def check_exported_telemetry(
             resource = {a.key: a.value.string_value for a in rm.resource.attributes}
             assert resource["service.name"] == service_name
             for sm in rm.scope_metrics:
+                if any(metric.name.startswith("sage.") for metric in sm.metrics):
+                    assert (sm.scope.name, sm.scope.version) == ("sage_otel", sage_otel.__version__)
                 for metric in sm.metrics:
                     data = getattr(metric, metric.WhichOneof("data"))
                     points.setdefault(metric.name, []).extend(data.data_points)

@@ -75,6 +75,8 @@ def test_wheel_holds_the_package_and_no_build_time_tools(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "sage_otel/telemetry/catalog.py" in names
     assert "sage_otel/agent/transport.py" in names
+    # PEP 561: type checkers read sage_otel's own annotations only with this marker.
+    assert "sage_otel/py.typed" in names
     assert not [n for n in names if n.startswith(("tools/", "tests/", "fuzz/", "benchmarks/"))]
     for module in ("dashboards", "docs", "queries"):
         assert f"sage_otel/telemetry/{module}.py" not in names, f"{module} belongs in tools/"
@@ -85,6 +87,7 @@ def test_wheel_holds_the_package_and_no_build_time_tools(wheel: Path) -> None:
         if line.startswith("Requires-Dist:")
     ]
     unconditional = {canonicalize_name(req.name) for req in requires if req.marker is None}
+    assert "Classifier: Typing :: Typed" in zipfile.ZipFile(wheel).read(metadata).decode()
     assert "sniffio" in unconditional
     for name in ("pytest", "opentelemetry-distro", "grafana-foundation-sdk", "build"):
         assert name not in unconditional, f"{name} is a runtime requirement of the wheel"

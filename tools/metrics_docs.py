@@ -475,8 +475,11 @@ def _other_series() -> list[str]:
         "`target_info` (value 1) carries the OpenTelemetry resource as labels, dots turned "
         "into underscores: `service_name` (the `service_name` argument of "
         "`sage_otel.configure()`, else `OTEL_SERVICE_NAME`, else `sage-agent`), "
-        "`service_version`, `service_instance_id` (a UUID per process), "
-        "`telemetry_sdk_*` and anything in `OTEL_RESOURCE_ATTRIBUTES`. Join on it to label "
+        "`service_version` (your application's, from the `service_version` argument or "
+        "`OTEL_RESOURCE_ATTRIBUTES`; absent otherwise), `service_instance_id` (a UUID per "
+        "process), `telemetry_sdk_*`, `telemetry_distro_name` (`sage-otel`), "
+        "`telemetry_distro_version` (sage-otel's version) and anything in "
+        "`OTEL_RESOURCE_ATTRIBUTES`. Join on it to label "
         "SAGE series by service, for example "
         "`sage_sessions_active * on (job, instance) group_left (service_name) target_info`.",
         "",

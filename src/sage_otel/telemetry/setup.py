@@ -6,7 +6,15 @@ variables: ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SA
 ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``grpc`` or ``http/protobuf``, the default) and its per-signal
 forms, ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_TIMEOUT``,
 ``OTEL_METRIC_EXPORT_INTERVAL``, ``OTEL_EXPORTER_PROMETHEUS_HOST`` / ``_PORT``, and
-``OTEL_SDK_DISABLED``. Explicit arguments win over the environment.
+``OTEL_SDK_DISABLED``. Explicit arguments win over the environment. docs/api.md lists every
+argument.
+
+``service.version`` is the application's own version (``service_version``, else
+``service.version`` in ``OTEL_RESOURCE_ATTRIBUTES``, else absent). sage-otel's version is
+the instrumentation scope's (tracers and meters named ``sage_otel``) and, on the resource,
+``telemetry.distro.version`` (with ``telemetry.distro.name=sage-otel``): the semantic
+conventions' attributes for the distribution that set up the SDK, which is what
+``configure()`` does; they are also the only place /metrics shows it (no scope labels).
 
 ``OTEL_EXPORTER_OTLP_TIMEOUT`` (and its per-signal forms) is read in milliseconds, as the
 specification says (the Python exporters alone read seconds). The SDK's own metrics about
@@ -21,11 +29,14 @@ With ``PROMETHEUS_MULTIPROC_DIR`` set (several worker processes, see
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import reprlib
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +62,7 @@ from .web import WEB_CONFIG_ENV, start_metrics_server
 
 _logger = logging.getLogger(__name__)
 DEFAULT_SERVICE_NAME = "sage-agent"
+DISTRO_NAME = "sage-otel"
 DEFAULT_METRICS_PORT = 9090  # the monitoring plan's agent metrics port
 DEFAULT_METRICS_HOST = "127.0.0.1"
 # Seconds: well inside a 30 s termination grace period; SAGE_OTEL_SHUTDOWN_TIMEOUT overrides.
@@ -180,14 +192,21 @@ def meters_for(meter_provider: ApiMeterProvider | None) -> Meters:
 
 
 def build_resource(
-    service_name: str | None = None, attributes: dict[str, Any] | None = None
+    service_name: str | None = None,
+    attributes: dict[str, Any] | None = None,
+    service_version: str | None = None,
 ) -> Resource:
     """Resource from the environment (parsed by the SDK), with a unique ``service.instance.id``.
 
-    Precedence: ``service_name`` and ``attributes``, then ``OTEL_SERVICE_NAME``, then
-    ``OTEL_RESOURCE_ATTRIBUTES``, then sage-otel's defaults.
+    Precedence: ``attributes``, then ``service_name`` and ``service_version``, then
+    ``OTEL_SERVICE_NAME``, then ``OTEL_RESOURCE_ATTRIBUTES``, then sage-otel's defaults.
+    ``service.version`` has no default: only the application knows its own version.
     """
-    defaults = {"service.version": __version__, "service.instance.id": str(uuid.uuid4())}
+    defaults = {
+        "service.instance.id": str(uuid.uuid4()),
+        "telemetry.distro.name": DISTRO_NAME,
+        "telemetry.distro.version": __version__,
+    }
     # The defaults fill in only what OTEL_RESOURCE_ATTRIBUTES leaves out: an operator's own
     # service.instance.id (e.g. a pod name) is what their series are labelled with.
     from_env = OTELResourceDetector().detect().attributes
@@ -197,6 +216,8 @@ def build_resource(
         resource = resource.merge(Resource({"service.name": service_name}))
     elif not named or str(named).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": DEFAULT_SERVICE_NAME}))
+    if service_version:
+        resource = resource.merge(Resource({"service.version": service_version}))
     return resource.merge(Resource(attributes or {}))
 
 
@@ -250,6 +271,7 @@ def _otlp_metric_reader() -> MetricReader:
 def configure(
     *,
     service_name: str | None = None,
+    service_version: str | None = None,
     resource_attributes: dict[str, Any] | None = None,
     metrics_host: str | None = None,
     metrics_port: int | None = None,
@@ -264,34 +286,23 @@ def configure(
     crypto_detail: str | None = None,
     inbound_trace_context: str | None = None,
     set_global: bool = True,
-    _resource: Resource | None = None,
 ) -> Telemetry:
     """Set up traces and metrics for this process; calling it again returns the same setup.
 
-    ``otlp=None`` exports over OTLP exactly when an OTLP endpoint is configured in the
-    environment. ``traces=False`` records metrics only: no span is ever started.
-    ``metrics_port=0`` picks a free port (see ``Telemetry.metrics_address``).
+    A second call that sets an option to something other than its default and the first
+    call's value warns (``RuntimeWarning``, naming the options) and changes nothing: one
+    process has one setup. ``otlp=None`` exports over OTLP exactly when an OTLP endpoint is
+    configured in the environment. ``traces=False`` records metrics only: no span is ever
+    started. ``metrics_port=0`` picks a free port (see ``Telemetry.metrics_address``).
     ``metrics_web_config`` (or ``SAGE_OTEL_METRICS_WEB_CONFIG``) adds TLS and basic auth to
     /metrics (:mod:`sage_otel.telemetry.web`). ``crypto_detail`` and
     ``inbound_trace_context`` go to the instrumentation (:mod:`sage_otel.instrumentation`).
-    Raises ``OSError`` when the metrics port cannot be bound.
+    Raises ``OSError`` when the metrics port cannot be bound. docs/api.md has the table.
     """
-    global _current
-    options = {
-        "service_name": service_name,
-        "resource_attributes": resource_attributes,
-        "otlp": otlp,
-        "traces": traces,
-        "sampler": sampler,
-        "metric_readers": metric_readers,
-        "span_processors": span_processors,
-        "instrument": instrument,
-        "crypto_detail": crypto_detail,
-        "inbound_trace_context": inbound_trace_context,
-        "set_global": set_global,
-    }
+    options = dict(locals())  # exactly the arguments: what a later call is compared with
     with _lock:
         if _current is not None:
+            _warn_if_ignored(_current.options, options)
             return _current
         if sdk_disabled():
             # Nothing opened, nothing patched: the SDK's providers are no-ops under this flag.
@@ -302,97 +313,142 @@ def configure(
                 MetricStore(),
                 CollectorRegistry(),
                 disabled=True,
+                options=options,
             )
-        os.environ.setdefault("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
-        for name in _EXPORT_LOGGERS:
-            logging.getLogger(name).addFilter(_export_log_filter)
-        # The batch processor warns once per span it drops while its queue is full: a log
-        # record per span is a real cost when the collector is down. The drops are counted
-        # (otel_sdk_processor_span_processed_total{error_type="queue_full"}) and the
-        # exporters' own failures are still logged, once a minute each.
-        queue_logger = logging.getLogger(_QUEUE_LOGGER)
-        if queue_logger.level == logging.NOTSET:
-            queue_logger.setLevel(logging.ERROR)
-        resource = _resource or build_resource(service_name, resource_attributes)
-        shared_dir = multiprocess_dir()
+        return _start(options)
 
-        registry = CollectorRegistry(auto_describe=True)
-        readers: list[MetricReader] = list(metric_readers or ())
-        server, address = None, None
-        if shared_dir is not None and metrics_port is None:
-            serve_metrics = False  # one endpoint reports every worker; workers do not bind
-        if serve_metrics:
-            host = (
-                metrics_host
-                or os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST")
-                or DEFAULT_METRICS_HOST
-            )
-            port = (
-                metrics_port
-                if metrics_port is not None
-                else int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT") or DEFAULT_METRICS_PORT)
-            )
-            served = multiprocess_registry(shared_dir) if shared_dir else registry
-            server, _thread = start_metrics_server(
-                port, host, served, metrics_web_config or os.environ.get(WEB_CONFIG_ENV) or None
-            )
-            address = (host, server.server_address[1])
-            if shared_dir is None:
-                for collector in (ProcessCollector, GCCollector, PlatformCollector):
-                    collector(registry=registry)
-                readers.append(ExemplarPrometheusMetricReader(registry))
-        if otlp if otlp is not None else otlp_configured("METRICS"):
-            readers.append(_otlp_metric_reader())
-        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
 
-        tracer_provider = TracerProvider(resource=resource, sampler=sampler)
-        for processor in span_processors or ():
-            tracer_provider.add_span_processor(processor)
-        if otlp if otlp is not None else otlp_configured("TRACES"):
-            tracer_provider.add_span_processor(
-                BatchSpanProcessor(_otlp_span_exporter(), meter_provider=meter_provider)
-            )
+def _warn_if_ignored(first: dict[str, Any], again: dict[str, Any]) -> None:
+    """Warn about the options of a later ``configure()`` call that the first setup ignores.
 
-        store = MetricStore()
-        store.exemplars = (
-            True  # only sampled spans leave exemplars, so this costs nothing unsampled
+    An option left at its default asks for nothing (``configure()`` is how a library finds
+    the process's setup), so only options set to something else and unlike the first
+    call's are named.
+    """
+    defaults = {name: p.default for name, p in inspect.signature(configure).parameters.items()}
+    ignored = [
+        name
+        for name, value in again.items()
+        if value is not defaults[name] and value != defaults[name] and value != first.get(name)
+    ]
+    if ignored:
+        shown = ", ".join(f"{name}={reprlib.repr(again[name])}" for name in ignored)
+        warnings.warn(
+            f"sage_otel.configure() was already called; ignoring {shown} (first call: "
+            + ", ".join(f"{name}={reprlib.repr(first.get(name))}" for name in ignored)
+            + "): call shutdown() on the first setup to configure again",
+            RuntimeWarning,
+            stacklevel=3,
         )
-        for reader in readers:
-            store.attach(reader, resource)
-        meters: Meters = StoreMeters(store)
-        if shared_dir is not None:
-            shared = MultiprocessMeters()
-            meters = BothMeters(shared, meters) if readers else shared
 
-        telemetry = Telemetry(
-            resource,
-            tracer_provider,
-            meter_provider,
-            store,
-            registry,
-            address,
-            server,
-            meters=meters,
-            options=options,
+
+def _start(
+    options: dict[str, Any], resource: Resource | None = None, *, forked: bool = False
+) -> Telemetry:
+    """Build and install the setup ``options`` (``configure``'s arguments) ask for.
+
+    ``forked``: renewing in a child after fork, which serves no /metrics (the port is the
+    parent's) and sets no global provider (the parent's cannot be replaced).
+    """
+    global _current
+    serve_metrics: bool = options["serve_metrics"] and not forked
+    metrics_port: int | None = options["metrics_port"]
+    metric_readers: list[MetricReader] | None = options["metric_readers"]
+    otlp: bool | None = options["otlp"]
+    traces: bool = options["traces"]
+    os.environ.setdefault("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    for name in _EXPORT_LOGGERS:
+        logging.getLogger(name).addFilter(_export_log_filter)
+    # The batch processor warns once per span it drops while its queue is full: a log
+    # record per span is a real cost when the collector is down. The drops are counted
+    # (otel_sdk_processor_span_processed_total{error_type="queue_full"}) and the
+    # exporters' own failures are still logged, once a minute each.
+    queue_logger = logging.getLogger(_QUEUE_LOGGER)
+    if queue_logger.level == logging.NOTSET:
+        queue_logger.setLevel(logging.ERROR)
+    resource = resource or build_resource(
+        options["service_name"], options["resource_attributes"], options["service_version"]
+    )
+    shared_dir = multiprocess_dir()
+
+    registry = CollectorRegistry(auto_describe=True)
+    readers: list[MetricReader] = list(metric_readers or ())
+    server, address = None, None
+    if shared_dir is not None and metrics_port is None:
+        serve_metrics = False  # one endpoint reports every worker; workers do not bind
+    if serve_metrics:
+        host = (
+            options["metrics_host"]
+            or os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST")
+            or DEFAULT_METRICS_HOST
         )
-        if set_global:
-            if traces:
-                trace.set_tracer_provider(tracer_provider)
-            metrics.set_meter_provider(meter_provider)
-        _current = telemetry
-        if instrument:
-            from ..instrumentation import SageInstrumentor
+        port = (
+            metrics_port
+            if metrics_port is not None
+            else int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT") or DEFAULT_METRICS_PORT)
+        )
+        served = multiprocess_registry(shared_dir) if shared_dir else registry
+        server, _thread = start_metrics_server(
+            port,
+            host,
+            served,
+            options["metrics_web_config"] or os.environ.get(WEB_CONFIG_ENV) or None,
+        )
+        address = (host, server.server_address[1])
+        if shared_dir is None:
+            for collector in (ProcessCollector, GCCollector, PlatformCollector):
+                collector(registry=registry)
+            readers.append(ExemplarPrometheusMetricReader(registry))
+    if otlp if otlp is not None else otlp_configured("METRICS"):
+        readers.append(_otlp_metric_reader())
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
 
-            instrumentor = SageInstrumentor()
-            if not instrumentor.is_instrumented_by_opentelemetry:
-                instrumentor.instrument(
-                    tracer_provider=tracer_provider if traces else trace.NoOpTracerProvider(),
-                    meters=telemetry.meters,
-                    crypto_detail=crypto_detail,
-                    inbound_trace_context=inbound_trace_context,
-                )
-                telemetry._instrumentor = instrumentor
-        return telemetry
+    tracer_provider = TracerProvider(resource=resource, sampler=options["sampler"])
+    for processor in options["span_processors"] or ():
+        tracer_provider.add_span_processor(processor)
+    if otlp if otlp is not None else otlp_configured("TRACES"):
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(_otlp_span_exporter(), meter_provider=meter_provider)
+        )
+
+    store = MetricStore()
+    store.exemplars = True  # only sampled spans leave exemplars, so this costs nothing unsampled
+    for reader in readers:
+        store.attach(reader, resource)
+    meters: Meters = StoreMeters(store)
+    if shared_dir is not None:
+        shared = MultiprocessMeters()
+        meters = BothMeters(shared, meters) if readers else shared
+
+    telemetry = Telemetry(
+        resource,
+        tracer_provider,
+        meter_provider,
+        store,
+        registry,
+        address,
+        server,
+        meters=meters,
+        options=options,
+    )
+    if options["set_global"] and not forked:
+        if traces:
+            trace.set_tracer_provider(tracer_provider)
+        metrics.set_meter_provider(meter_provider)
+    _current = telemetry
+    if options["instrument"]:
+        from ..instrumentation import SageInstrumentor
+
+        instrumentor = SageInstrumentor()
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(
+                tracer_provider=tracer_provider if traces else trace.NoOpTracerProvider(),
+                meters=telemetry.meters,
+                crypto_detail=options["crypto_detail"],
+                inbound_trace_context=options["inbound_trace_context"],
+            )
+            telemetry._instrumentor = instrumentor
+    return telemetry
 
 
 def _renew_after_fork() -> None:
@@ -417,11 +473,12 @@ def _renew_after_fork() -> None:
         # thread pool, which cannot start inside an at-fork hook.
         attributes = dict(inherited.resource.attributes)
         attributes["service.instance.id"] = str(uuid.uuid4())
-        configure(
-            **{**inherited.options, "set_global": False},
-            serve_metrics=False,
-            _resource=Resource(attributes, inherited.resource.schema_url),
-        )
+        with _lock:
+            _start(
+                inherited.options,
+                Resource(attributes, inherited.resource.schema_url),
+                forked=True,
+            )
     except Exception:  # telemetry must never break the worker
         _logger.exception("sage-otel: could not renew telemetry after fork")
 
