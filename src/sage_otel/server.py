@@ -338,7 +338,7 @@ def serve(
         port=port,
         workers=workers,
         loop=_event_loop(),
-        http="sage_otel.server:ServeHttpProtocol",  # httptools with the edge limits
+        http=ServeHttpProtocol,  # httptools with the edge limits (by reference to workers)
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=3,
