@@ -479,11 +479,11 @@ async def test_endpoints_that_never_answer_cannot_starve_a_legit_go_peer(
             await asyncio.sleep(0.005)
 
     async def until(condition: Callable[[], bool]) -> None:
-        for _ in range(500):
+        for _ in range(2000):  # generous: a loaded machine refills the total slowly
             if condition():
                 return
             await asyncio.sleep(0.01)
-        raise AssertionError("not in 5 s")
+        raise AssertionError("not in 20 s")
 
     def full() -> bool:
         return server.push_slots.in_flight == policy.total
