@@ -43,6 +43,7 @@ metrics-docs: $(STAMP)
 # dashboard, an exemplar's trace and an alert drawn from what they stored, and the
 # architecture from docs/images/architecture.dot (tools/pictures.py).
 pictures: $(STAMP) jaeger prometheus graphviz
+	@echo "pictures: about 8 minutes: 7 of demo traffic (a line every 30 s), then drawing"
 	$(BIN)/python -m tools.pictures --out docs/images $(PICTURES_ARGS)
 
 # End-to-end prerequisites, cached outside the repo (see scripts/): the collector
@@ -76,26 +77,34 @@ clean:
 # path against a bare echo, /metrics at 10,000 sessions and 1M messages, and the demo
 # unthrottled with telemetry on and off. About 12 minutes.
 bench: $(STAMP)
+	@echo "bench: [1/5] telemetry in process, into docs/performance.md (about 12 minutes in all)"
 	$(BIN)/python -m benchmarks.run --write docs/performance.md
+	@echo "bench: [2/5] handshakes against their crypto floor"
 	$(BIN)/python -m benchmarks.handshakes --rounds 3
+	@echo "bench: [3/5] the HTTP path against a bare echo"
 	$(BIN)/python -m benchmarks.http_path --rounds 3 --seconds 5
+	@echo "bench: [4/5] /metrics at 10,000 sessions and 1M messages"
 	$(BIN)/python -m benchmarks.scrape --sessions 10000 --messages 1000000
+	@echo "bench: [5/5] the demo unthrottled, telemetry on and off"
 	$(BIN)/python -m benchmarks.demo_rate --rounds 8 --seconds 10
 
 # A coverage-guided fuzz campaign on every parser and the HTTP endpoint (docs/security.md);
 # `make test` runs a short, fixed-budget one. FUZZ_RUNS executions per target.
 FUZZ_RUNS ?= 100000
 fuzz: $(STAMP)
+	@echo "fuzz: $(FUZZ_RUNS) runs per target, 2 at a time: a row as each target ends"
 	$(BIN)/python -m fuzz.run --runs $(FUZZ_RUNS) --jobs 2 --report /tmp/sage-otel-fuzz.md
 
 # Legitimate clients against a server under attack, in separate processes (docs/security.md).
 SOAK_MINUTES ?= 10
 soak: $(STAMP)
+	@echo "soak: about $$(( $(SOAK_MINUTES) + 2 )) minutes: 1 of baseline, $(SOAK_MINUTES) under attack (a line a minute)"
 	$(BIN)/python -m benchmarks.soak --baseline-minutes 1 --minutes $(SOAK_MINUTES) --out /tmp/sage-otel-soak.json
 # Each attack of docs/security.md alone against a default `sage-otel serve` while legitimate
 # clients run (benchmarks/siege.py), about 5 minutes; SIEGE_ARGS="--attacker-nice 19" gives
 # the attacker only the CPU the server leaves, as on another machine.
 siege: $(STAMP)
+	@echo "siege: about 5 minutes: a baseline, then each attack for 20 s (a line per phase)"
 	$(BIN)/python -m benchmarks.siege --seconds-per-phase 20 --out /tmp/siege-result.json $(SIEGE_ARGS)
 
 # SAGE over HTTP against a bare echo on the same stacks (uvicorn with uvloop and httptools,

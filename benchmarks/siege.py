@@ -526,11 +526,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.warmup)
         legit.phase = "baseline"
         monitor.mark("baseline:start")
-        print(f"siege: baseline for {args.seconds_per_phase} s", flush=True)
+        steps = len(attacks) + 1
+        print(f"siege: [1/{steps}] baseline for {args.seconds_per_phase} s", flush=True)
         await asyncio.sleep(args.seconds_per_phase)
         monitor.mark("baseline:end")
         legit.phase = "recovery:baseline"
-        for name in attacks:
+        for number, name in enumerate(attacks, 2):
+            print(f"siege: [{number}/{steps}] {name}", flush=True)
             attacker_cpus = split[1] if split else None
             results[name] = await run_attack(args, name, server, tmp, monitor, attacker_cpus)
     finally:

@@ -466,6 +466,17 @@ async def start_attacker(
     return proc
 
 
+async def sleep_minutes(what: str, minutes: float) -> None:
+    """Sleep ``minutes``, saying once a minute how far along ``what`` is: a soak runs long."""
+    start = time.monotonic()
+    end = start + minutes * 60
+    while (left := end - time.monotonic()) > 0:
+        await asyncio.sleep(min(60.0, left))
+        if time.monotonic() < end:
+            done = (time.monotonic() - start) / 60
+            print(f"soak: {what} {done:.0f}/{minutes:g} min", flush=True)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
@@ -505,7 +516,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     legit.phase = "baseline"
     snaps.mark("baseline")
     print(f"soak: baseline for {args.baseline_minutes} min", flush=True)
-    await asyncio.sleep(args.baseline_minutes * 60)
+    await sleep_minutes("baseline", args.baseline_minutes)
 
     legit.phase = "transition"
     snaps.mark("transition")
@@ -519,7 +530,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     legit.phase = "attack"
     snaps.mark("attack")
     print(f"soak: attack for {args.minutes} min at {args.attack_rate} req/s", flush=True)
-    await asyncio.sleep(args.minutes * 60)
+    await sleep_minutes("attack", args.minutes)
 
     legit.phase = "drain"
     snaps.mark("drain")

@@ -412,6 +412,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown target(s) {unknown}; choose from {', '.join(TARGET_NAMES)}")
     started = time.monotonic()
+    finished = iter(range(1, len(names) + 1))
+
+    def echo(row: str) -> None:
+        print(row, flush=True)
+        elapsed = time.monotonic() - started
+        print(f"fuzz: {next(finished)}/{len(names)} targets done, {elapsed:.0f} s", file=sys.stderr)
+
     print(HEADER, flush=True)
     results = run_targets(
         names,
@@ -422,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=Path(args.out),
         corpus=Path(args.corpus) if args.corpus else None,
         stop_on_first=args.stop_on_first,
-        echo=lambda line: print(line, flush=True),
+        echo=echo,
     )
     wall = time.monotonic() - started
     print()

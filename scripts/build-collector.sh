@@ -2,7 +2,8 @@
 # Build the sage-otelcol collector distribution from collector/builder-config.yaml with the
 # OpenTelemetry Collector Builder (ocb) of the same release, into a cache outside the repo:
 #   ${SAGE_OTEL_CACHE:-$HOME/.cache/sage-otel}/otelcol-<release>-<sha of the manifest>/sage-otelcol
-# A cached binary is reused. Prints the binary's path; quiet otherwise unless it fails.
+# A cached binary is reused. Prints the binary's path; a cold build says on stderr what it is
+# doing and how far along it is (scripts/go-cache.sh).
 # With --check it builds nothing: prints the path if the binary is there, else exits 3.
 set -euo pipefail
 # shellcheck source=scripts/go-cache.sh
@@ -32,16 +33,22 @@ lock_cache collector "$bin"
 ocb_dir="$cache/ocb-$release"
 ocb="$ocb_dir/builder"
 log="$cache/otelcol-$release-$sha.log"
+: >"$log"
 if [ ! -x "$ocb" ]; then
-    if ! GOBIN="$ocb_dir" go install "go.opentelemetry.io/collector/cmd/builder@$release" >"$log" 2>&1; then
+    step 1 3 "installing the Collector Builder $release (go install)"
+    if ! logged "$log" env GOBIN="$ocb_dir" go install "go.opentelemetry.io/collector/cmd/builder@$release"; then
         cat "$log" >&2
         die "could not install ocb $release (go install go.opentelemetry.io/collector/cmd/builder@$release)"
     fi
+else
+    step 1 3 "the Collector Builder $release is cached"
 fi
 
 work="$(mktemp -d "$cache/.otelcol-build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
-if ! (cd "$work" && "$ocb" --config "$manifest") >"$log" 2>&1; then
+step 2 3 "generating and compiling sage-otelcol with ocb (cold: several minutes)"
+build() { cd "$work" && "$ocb" --config "$manifest"; }
+if ! logged "$log" build; then
     tail -n 60 "$log" >&2
     die "ocb failed for $manifest (full log: $log)"
 fi
@@ -50,4 +57,5 @@ mkdir -p "$dir"
 mv "$work/build/sage-otelcol" "$dir/.sage-otelcol.tmp"
 mv "$dir/.sage-otelcol.tmp" "$bin"
 rm -f "$log"
+step 3 3 "built $bin"
 echo "$bin"

@@ -8,7 +8,8 @@
 # the tags of Thanos's own release builds (.promu.yml: netgo, slicelabels): Thanos converts
 # its protobuf labels to Prometheus labels in place, which is only sound with Prometheus's
 # slice label layout; without the tag, receive and query corrupt labels and panic.
-# A cached binary is reused. Prints the binary's path; quiet otherwise unless it fails.
+# A cached binary is reused. Prints the binary's path; a cold build says on stderr what it is
+# doing and how far along it is (scripts/go-cache.sh).
 # With --check it builds nothing: prints the path if the binary is there, else exits 3.
 set -euo pipefail
 # shellcheck source=scripts/go-cache.sh
@@ -40,6 +41,7 @@ fail() {
 # Thanos's go.mod has replace directives, which `go install module@version` refuses: build it
 # from a throwaway module that requires Thanos and repeats them (as build-jaeger.sh does).
 module="github.com/thanos-io/thanos"
+step 1 3 "resolving $module@$version and its modules (go mod download, go get)"
 # With the local Go older than the module's `go` line the download reports that as its error
 # (and a non-zero status) but still fetches the go.mod, which is all that is read here.
 gomod="$(cd "$work" && { GOTOOLCHAIN=local go mod download -json "$module@$version" 2>"$log" || true; } |
@@ -58,15 +60,21 @@ fi
     echo "go $needed"
     awk '/^replace \(/ { block = 1 } block || /^replace / { print } block && /^\)/ { block = 0 }' "$gomod"
 } >"$work/go.mod"
-if ! (cd "$work" && go get "$module/cmd/thanos@$version" &&
-    go build -trimpath -tags "$tags" \
+resolve() { cd "$work" && go get "$module/cmd/thanos@$version"; }
+logged "$log" resolve || fail "go get $module/cmd/thanos@$version failed (GOTOOLCHAIN=$GOTOOLCHAIN)"
+# go build -v names each package it compiles: against the package count, how far along it is.
+total="$(cd "$work" && go list -deps -tags "$tags" "$module/cmd/thanos" 2>>"$log" | wc -l)" || total=""
+step 2 3 "compiling thanos (${total:-?} packages; cold: several minutes)"
+compile() {
+    cd "$work" && go build -v -trimpath -tags "$tags" \
         -ldflags="-s -w -X github.com/prometheus/common/version.Version=${version#v}" \
-        -o "$work/thanos" "$module/cmd/thanos") >>"$log" 2>&1; then
-    fail "building $module/cmd/thanos@$version failed (GOTOOLCHAIN=$GOTOOLCHAIN)"
-fi
+        -o "$work/thanos" "$module/cmd/thanos"
+}
+logged "$log" "$total" compile || fail "building $module/cmd/thanos@$version failed (GOTOOLCHAIN=$GOTOOLCHAIN)"
 [ -x "$work/thanos" ] || die "the build produced no thanos binary (log: $log)"
 mkdir -p "$dir"
 mv "$work/thanos" "$dir/.thanos.tmp"
 mv "$dir/.thanos.tmp" "$bin"
 rm -f "$log"
+step 3 3 "built $bin"
 echo "$bin"

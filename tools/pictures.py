@@ -42,6 +42,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -212,10 +213,46 @@ def _server_agent(workdir: Path, jaeger: services.Jaeger) -> Iterator[dict[str, 
             services.stop(process)
 
 
+def _say(message: str) -> None:
+    """A progress line on stderr: a live run takes minutes (make pictures)."""
+    print(f"pictures: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _ticking(what: str, seconds: float, every: float = 30.0) -> Iterator[None]:
+    """Say every ``every`` seconds how far along ``what`` (``seconds`` long) is."""
+    done = threading.Event()
+    start = time.monotonic()
+
+    def tick() -> None:
+        while not done.wait(every):
+            elapsed = time.monotonic() - start
+            share = min(99, int(100 * elapsed / seconds)) if seconds else 99
+            _say(f"  {what}: {elapsed:.0f}/{seconds:.0f} s ({share}%)")
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def _run_demo(
     workdir: Path, jaeger: services.Jaeger, server: Mapping[str, str], metrics_port: int, seconds
 ) -> dict[str, Any]:
-    result = subprocess.run(
+    with _ticking("demo traffic", seconds):
+        result = _demo_process(workdir, jaeger, server, metrics_port, seconds)
+    if result.returncode != 0:
+        raise RuntimeError(f"sage-otel demo exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _demo_process(
+    workdir: Path, jaeger: services.Jaeger, server: Mapping[str, str], metrics_port: int, seconds
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
             sys.executable, "-m", "sage_otel.cli", "demo", "--json",
             "--duration", str(seconds), "--server", server["url"],
@@ -225,9 +262,6 @@ def _run_demo(
         env=_agent_env(jaeger, CLIENT_SERVICE), cwd=workdir, capture_output=True, text=True,
         timeout=seconds + 120, check=False,
     )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"sage-otel demo exited {result.returncode}:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _wait_for_restored_rules(prometheus: services.Prometheus) -> None:
@@ -879,17 +913,22 @@ def draw_all(out: Path, seconds: float, workdir: Path | None = None) -> Pictures
     """A live run of ``seconds``, then every picture into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     pictures = Pictures()
+    _say("[1/5] the architecture (Graphviz)")
     pictures.files["architecture"] = draw_architecture(
         ARCHITECTURE_SOURCE, out / "architecture.png"
     )
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pictures-")))
+        _say(f"[2/5] Jaeger, Prometheus, a server agent, then {seconds:.0f} s of demo traffic")
         run = stack.enter_context(live_run(workdir, seconds))
+        _say("[3/5] the overview dashboard")
         pictures.files["overview"] = out / "overview.png"
         pictures.overview = draw_overview(run, pictures.files["overview"])
+        _say("[4/5] an exemplar's trace")
         pictures.files["exemplar-trace"] = out / "exemplar-trace.png"
         pictures.trace = draw_exemplar_trace(run, pictures.files["exemplar-trace"])
+        _say("[5/5] an alert")
         pictures.files["alert"] = out / "alert.png"
         pictures.alert = draw_alert(run, pictures.files["alert"])
     return pictures
