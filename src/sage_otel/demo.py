@@ -9,14 +9,23 @@ from unregistered and inactive DIDs, a forged registration) so that every code p
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
+import collections
 import contextlib
 import itertools
 import json
 import os
+import queue
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -168,6 +177,11 @@ class Demo:
                     await asyncio.wait_for(self.stop.wait(), self.config.duration)
         finally:
             self.stop.set()
+            # A request to a server that stopped answering must not hold the exit for its
+            # whole timeout: what has not finished within WIND_DOWN is cancelled.
+            _, late = await asyncio.wait(workers, timeout=WIND_DOWN)
+            for worker in late:
+                worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             self.stats.finished = time.monotonic()
             for http in https:
@@ -349,28 +363,353 @@ def _render(stats: DemoStats):
     return table
 
 
-async def run_demo(config: DemoConfig, *, live: bool = False) -> DemoStats:
+# Seconds. A status line this often when no live table is shown (CI logs, systemd).
+PROGRESS_INTERVAL = 5.0
+# `sage-otel serve` waits as long for its own port before it gives up.
+START_TIMEOUT = 60.0
+# After the run: in-flight requests may finish within WIND_DOWN, then they are cancelled;
+# the server child gets STOP_GRACE from SIGTERM to SIGKILL; the child and the demo's own
+# telemetry stop within STOP_BUDGET in all, so that SIGTERM ends the demo within 6 s even
+# when the collector never answers.
+WIND_DOWN = 1.0
+STOP_GRACE = 2.0
+STOP_BUDGET = 4.0
+WATCH_INTERVAL = 0.25
+_EARLY_LINES = 200  # what the child wrote to stderr while starting, kept to say why it failed
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM before the run started, or a second one: stop now.
+
+    A KeyboardInterrupt, so that asyncio lets it out of the event loop as it does Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """SIGINT, SIGTERM and SIGHUP over the demo's whole life, not just its event loop.
+
+    During the run the first one ends it as ``--duration`` does (the summary, the usual exit
+    status); before the run, or a second time, it raises :class:`Interrupted`. While the demo
+    cleans up they are ignored: the clean-up is bounded (``STOP_BUDGET``) and must finish, or
+    the server child and its key would be left behind.
+    """
+
+    WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal closed
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._on_stop: Callable[[], None] | None = None
+        self._stopping = False
+        self._held = False
+        self._deferring = False
+        self._deferred: int | None = None
+
+    def __enter__(self) -> Signals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.WATCHED:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def on_stop(self, callback: Callable[[], None] | None) -> None:
+        """What the first signal does while the run is on (None: the run is over)."""
+        self._on_stop = callback
+
+    def hold(self) -> None:
+        """Ignore both signals from now on (the clean-up has begun)."""
+        self._held = True
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A signal arriving inside the block is acted on when it ends, so that a child
+        process being started is always known to the clean-up."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        pending, self._deferred = self._deferred, None
+        if pending is not None:
+            self._handle(pending, None)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self._held:
+            return
+        if self._deferring:
+            self._deferred = self._deferred or signum
+            return
+        if self._on_stop is not None and not self._stopping:
+            self._stopping = True
+            self._on_stop()
+            return
+        raise Interrupted(signum)
+
+
+class ServerStartError(Exception):
+    """``sage-otel serve`` did not come up; ``str()`` says why, in one line."""
+
+
+class ServerChild:
+    """``sage-otel serve`` for the default (``--fast``) demo, in its own process group.
+
+    Its identity key (and the registry, unless ``--registry`` names one) live in a private
+    temporary directory that :meth:`stop` removes. After its first line, the child's output
+    is read by two threads so that it never blocks on a full pipe: stdout goes on to the
+    demo's stdout (the console exporters' spans under ``opentelemetry-instrument``), a whole
+    top-level block at a time so that the two processes' JSON never interleaves; stderr goes
+    to the demo's stderr until the child is being stopped. What the child wrote to stderr
+    while starting is shown only when it fails to start, as the reason.
+
+    Under ``opentelemetry-instrument`` the child inherits the auto-instrumentation environment
+    and is instrumented as the demo is; ``sage-otel serve`` then sets up no telemetry of its
+    own (:func:`sage_otel.server.auto_instrumented`).
+    """
+
+    def __init__(self, config: DemoConfig) -> None:
+        self.config = config
+        self.workdir: Path | None = None
+        self.process: subprocess.Popen[str] | None = None
+        self.metrics_url: str | None = None
+        self.exit_status: int | None = None  # when it exited while the run was on
+        self._announced: queue.Queue[str] = queue.Queue()
+        self._lock = threading.Lock()
+        self._started = False
+        self._quiet = False
+        self._early: collections.deque[str] = collections.deque(maxlen=_EARLY_LINES)
+        self._pumps: list[threading.Thread] = []
+
+    def start(self, signals: Signals) -> None:
+        """Start the child and wait for its first line; raises :class:`ServerStartError`."""
+        config = self.config
+        # The server ends a session where the clients do (as in one process), so sessions a
+        # client stops using are not kept on the server until they go idle.
+        # The demo's clients are its own: the server continues their traces (one trace per
+        # exchange across both processes) unless the user chose otherwise.
+        env = {
+            "OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT": "parent",
+            **os.environ,
+            "SAGE_OTEL_SESSION_MAX_MESSAGES": str(config.session_max_messages),
+        }
+        with signals.deferred():  # the directory and the child, both known to stop()
+            self.workdir = Path(tempfile.mkdtemp(prefix="sage-otel-demo-"))
+            registry = config.registry_path or str(self.workdir / "registry.json")
+            argv = [
+                sys.executable, "-m", "sage_otel.cli", "serve", "--host", config.host,
+                "--port", str(config.port or _free_port(config.host)),
+                "--metrics-port", str(_free_port(config.host)),
+                "--identity", str(self.workdir / "server-identity.json"), "--registry", registry,
+            ]  # fmt: skip
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                encoding="utf-8",
+                errors="replace",
+                start_new_session=True,  # a terminal's Ctrl-C reaches the demo alone
+            )
+        for pump, stream in (
+            (self._pump_stdout, self.process.stdout),
+            (self._pump_stderr, self.process.stderr),
+        ):
+            thread = threading.Thread(target=pump, args=(stream,), daemon=True)
+            thread.start()
+            self._pumps.append(thread)
+        try:
+            line = self._announced.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            raise ServerStartError(
+                f"sage-otel serve did not answer within {START_TIMEOUT:g} s"
+            ) from None
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        if not {"did", "url"} <= set(fields):
+            raise ServerStartError(self._failure())
+        with self._lock:
+            self._started = True
+            self._early.clear()
+        config.server_url, config.server_did = fields["url"], fields["did"]
+        config.registry_path = registry
+        metrics = fields.get("metrics", "off")
+        self.metrics_url = None if metrics == "off" else metrics
+
+    def _failure(self) -> str:
+        """Why the child did not start: the last line it wrote to stderr (``serve``'s own
+        one-line reason), else its exit status."""
+        assert self.process is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        self._pumps[1].join(timeout=1)
+        with self._lock:
+            lines = [line.strip() for line in self._early if line.strip()]
+        if lines:
+            reason = lines[-1].removeprefix("sage-otel serve: ")
+            return reason.removeprefix("cannot start: ").removeprefix("error: ")
+        status = self.process.poll()
+        if status is None:
+            return "sage-otel serve closed its output"
+        return f"sage-otel serve exited with status {status}"
+
+    def _pump_stdout(self, stream: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._announced.put(stream.readline())
+            block: list[str] = []
+            for line in stream:
+                block.append(line)
+                # A console exporter's object ends with a line at column 0 that opens nothing.
+                if line[:1].isspace() or line.rstrip().endswith(("{", "[")):
+                    continue
+                _write(sys.stdout, "".join(block))
+                block.clear()
+            if block:
+                _write(sys.stdout, "".join(block))
+        self._announced.put("")  # EOF before the first line: start() learns at once
+
+    def _pump_stderr(self, stream: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in stream:
+                with self._lock:
+                    if self._quiet:
+                        continue
+                    if not self._started:
+                        self._early.append(line)
+                        continue
+                _write(sys.stderr, line)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """End the run when the child exits under it; its status is then the demo's news."""
+        assert self.process is not None
+        while not stop.is_set():
+            status = self.process.poll()
+            if status is not None:
+                self.exit_status = status
+                stop.set()
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), WATCH_INTERVAL)
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM to its process group, SIGKILL after ``grace`` s; then its directory goes."""
+        with self._lock:
+            self._quiet = True  # a child being stopped has nothing more to tell
+        process = self.process
+        if process is not None:
+            if process.poll() is None:
+                _signal_group(process, signal.SIGTERM)
+                try:
+                    process.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    _signal_group(process, signal.SIGKILL)
+                    process.wait()
+            for pump in self._pumps:
+                pump.join(timeout=1)
+            for stream in (process.stdout, process.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.close()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _signal_group(process: subprocess.Popen[str], signum: int) -> None:
+    """``signum`` to the child's process group (it leads it), while it is not yet reaped."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def _write(stream: Any, text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(text)
+        stream.flush()
+
+
+def status_line(stats: DemoStats) -> str:
+    """The progress line: what the summary will say, so far."""
+    return (
+        f"sage-otel demo: {stats.duration_s:.0f}s handshakes_ok={stats.handshakes_ok} "
+        f"handshakes_failed={stats.handshakes_failed} messages_ok={stats.messages_ok} "
+        f"messages_failed={stats.messages_failed} "
+        f"unexpected_errors={sum(stats.unexpected.values())}"
+    )
+
+
+async def _progress(demo: Demo, interval: float) -> None:
+    while not demo.stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(demo.stop.wait(), interval)
+            return
+        print(status_line(demo.stats), file=sys.stderr, flush=True)
+
+
+async def run_demo(
+    config: DemoConfig,
+    *,
+    live: bool = False,
+    signals: Signals | None = None,
+    child: ServerChild | None = None,
+    progress: float | None = None,
+) -> DemoStats:
+    """Run the demo until ``config.duration`` or a signal.
+
+    ``progress``: seconds between status lines on stderr (None: none). ``child``: the
+    server process, whose exit ends the run. Without ``signals`` SIGINT and SIGTERM end the
+    run through the event loop."""
     demo = Demo(config)
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, demo.stop.set)
-    if not live:
-        return await demo.run()
-    from rich.live import Live
+    if signals is None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, demo.stop.set)
+    else:
+        signals.on_stop(lambda: loop.call_soon_threadsafe(demo.stop.set))
+    helpers = []
+    if progress:
+        helpers.append(asyncio.create_task(_progress(demo, progress)))
+    if child is not None:
+        helpers.append(asyncio.create_task(child.watch(demo.stop)))
+    try:
+        if not live:
+            return await demo.run()
+        from rich.live import Live
 
-    with Live(_render(demo.stats), refresh_per_second=4, transient=False) as view:
-        task = asyncio.create_task(demo.run())
-        while not task.done():
+        with Live(_render(demo.stats), refresh_per_second=4, transient=False) as view:
+            task = asyncio.create_task(demo.run())
+            while not task.done():
+                view.update(_render(demo.stats))
+                await asyncio.wait({task}, timeout=0.25)
             view.update(_render(demo.stats))
-            await asyncio.wait({task}, timeout=0.25)
-        view.update(_render(demo.stats))
-        return task.result()
+            return task.result()
+    finally:
+        if signals is not None:
+            signals.on_stop(None)
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
 
 
-def _start_telemetry(config: DemoConfig):
-    """Telemetry of the demo's own (not under --no-telemetry): /metrics, OTLP if configured."""
-    if not config.telemetry:
+def _auto_instrumented() -> bool:
+    from .server import auto_instrumented
+
+    return auto_instrumented()
+
+
+def _start_telemetry(config: DemoConfig) -> Any:
+    """Telemetry of the demo's own: /metrics, OTLP if configured. None under
+    ``--no-telemetry``, and under ``opentelemetry-instrument`` (its providers are this
+    process's; a second set would only fight them)."""
+    if not config.telemetry or _auto_instrumented():
         return None
     from .instrumentation import INBOUND_TRACE_CONTEXT_ENV
     from .telemetry.setup import configure, otlp_configured
@@ -387,90 +726,127 @@ def _start_telemetry(config: DemoConfig):
     )
 
 
-def _start_server_process(config: DemoConfig) -> tuple[Any, str]:
-    """``sage-otel serve`` in its own process, so clients and server each have a core."""
-    import socket
-    import subprocess
-    import tempfile
+def _shut_down(child: ServerChild | None, telemetry: Any) -> None:
+    """The server child first (its ports and key go at once), then the demo's telemetry (its
+    own, or ``opentelemetry-instrument``'s), all within ``STOP_BUDGET``: a collector that
+    never answers cannot hold the exit."""
+    deadline = time.monotonic() + STOP_BUDGET
+    if child is not None:
+        child.stop(STOP_GRACE)
+    remaining = max(0.5, deadline - time.monotonic())
+    if telemetry is None:
+        _stop_global_providers(remaining)
+        return
+    telemetry.shutdown(timeout=remaining)
+    # Stopped (or given up on): not again at exit, where a stuck one would only complain.
+    for provider in (telemetry.tracer_provider, telemetry.meter_provider):
+        atexit.unregister(provider.shutdown)
 
-    workdir = Path(tempfile.mkdtemp(prefix="sage-otel-demo-"))
-    registry = config.registry_path or str(workdir / "registry.json")
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind((config.host, 0))
-            ports.append(probe.getsockname()[1])
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sage_otel.cli", "serve", "--host", config.host,
-         "--port", str(config.port or ports[0]), "--metrics-port", str(ports[1]),
-         "--identity", str(workdir / "server-identity.json"), "--registry", registry],
-        stdout=subprocess.PIPE, text=True,
-        # The server ends a session where the clients do (as in one process), so sessions a
-        # client stops using are not kept on the server until they go idle.
-        # The demo's clients are its own: the server continues their traces (one trace per
-        # exchange across both processes) unless the user chose otherwise.
-        env={
-            "OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT": "parent",
-            **os.environ,
-            "SAGE_OTEL_SESSION_MAX_MESSAGES": str(config.session_max_messages),
-        },
-    )  # fmt: skip
-    line = process.stdout.readline().split()
-    fields = dict(part.split("=", 1) for part in line)
-    if "did" not in fields:
-        process.terminate()
-        raise OSError(f"sage-otel serve did not start ({config.host}:{config.port})")
-    config.server_url, config.server_did, config.registry_path = (
-        fields["url"],
-        fields["did"],
-        registry,
-    )
-    return process, fields["metrics"]
+
+def _stop_global_providers(timeout: float) -> None:
+    """Under ``opentelemetry-instrument``: its SDK providers flushed and stopped now, not at
+    interpreter exit, so that the summary comes after every span (the last line of stdout
+    under a console exporter) and a collector that never answers costs at most ``timeout``.
+    """
+    if "opentelemetry.sdk.trace" not in sys.modules:
+        return  # nothing set up an SDK here
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+    providers = [
+        provider
+        for provider in (trace.get_tracer_provider(), metrics.get_meter_provider())
+        if isinstance(provider, (TracerProvider, MeterProvider))
+    ]
+
+    def stop(provider: Any) -> None:
+        if isinstance(provider, MeterProvider):
+            provider.shutdown(timeout_millis=timeout * 1000)
+        else:
+            provider.shutdown()
+
+    stops = [threading.Thread(target=stop, args=(p,), daemon=True) for p in providers]
+    deadline = time.monotonic() + timeout
+    for thread in stops:
+        thread.start()
+    for thread in stops:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    # Stopped (or given up on): not again at exit, where a stuck one would only complain.
+    for provider in providers:
+        atexit.unregister(provider.shutdown)
 
 
 def main(config: DemoConfig, *, as_json: bool) -> int:
+    """The demo from the command line: 0 on a clean run (also when SIGINT or SIGTERM ended
+    it), 1 if anything unexpected failed, 2 when it cannot start, 128 + the signal's number
+    when one arrived before the run or a second one arrived.
+
+    Every exit path stops the server child (SIGTERM to its process group, SIGKILL after
+    ``STOP_GRACE``) and removes its temporary directory."""
     live = not as_json and sys.stdout.isatty()
-    server_process = None
-    if config.fast and not config.server_url:
+    telemetry = child = None
+    with Signals() as signals:
         try:
-            server_process, server_metrics = _start_server_process(config)
-        except OSError as error:
-            print(f"sage-otel demo: cannot start: {error}", file=sys.stderr)
+            try:
+                telemetry = _start_telemetry(config)
+            except OSError as error:
+                reason = error.strerror or error
+                print(f"sage-otel demo: cannot start: /metrics: {reason}", file=sys.stderr)
+                return 2
+            # Also under --json: stderr, so the last stdout line stays the summary.
+            if telemetry is not None and telemetry.metrics_address:
+                host, port = telemetry.metrics_address
+                print(f"sage-otel demo: metrics on http://{host}:{port}/metrics", file=sys.stderr)
+            if config.fast and not config.server_url:
+                child = ServerChild(config)
+                child.start(signals)
+                if child.metrics_url:
+                    print(
+                        f"sage-otel demo: server agent metrics on {child.metrics_url}",
+                        file=sys.stderr,
+                    )
+            stats = asyncio.run(
+                run_demo(
+                    config,
+                    live=live,
+                    signals=signals,
+                    child=child,
+                    progress=None if live else PROGRESS_INTERVAL,
+                )
+            )
+        except ServerStartError as error:
+            print(f"sage-otel demo: cannot start: server agent: {error}", file=sys.stderr)
             return 2
-        if not as_json:
-            print(f"sage-otel demo: server agent metrics on {server_metrics}", file=sys.stderr)
-    try:
-        telemetry = _start_telemetry(config)
-    except OSError as error:
-        print(f"sage-otel demo: cannot start: /metrics: {error.strerror or error}", file=sys.stderr)
-        return 2
-    if telemetry is not None and telemetry.metrics_address and not as_json:
-        host, port = telemetry.metrics_address
-        print(f"sage-otel demo: metrics on http://{host}:{port}/metrics", file=sys.stderr)
-    try:
-        stats = asyncio.run(run_demo(config, live=live))
-    except OSError as error:
-        reason = error.strerror or error
-        print(
-            f"sage-otel demo: cannot start: {reason} ({config.host}:{config.port})", file=sys.stderr
-        )
-        return 2
-    finally:
-        if telemetry is not None:
-            telemetry.shutdown()
-        if server_process is not None:
-            server_process.terminate()
-            server_process.wait(timeout=15)
+        except OSError as error:
+            reason = error.strerror or error
+            print(
+                f"sage-otel demo: cannot start: {reason} ({config.host}:{config.port})",
+                file=sys.stderr,
+            )
+            return 2
+        except Interrupted as stop:
+            print(f"sage-otel demo: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+            return 128 + stop.signum
+        finally:
+            signals.hold()
+            _shut_down(child, telemetry)
     summary = stats.summary()
     if as_json:
         print(json.dumps(summary))
     elif not live:
         for key, value in summary.items():
             print(f"{key}: {value}")
+    if child is not None and child.exit_status is not None:
+        print(
+            f"sage-otel demo: the server agent exited with status {child.exit_status}",
+            file=sys.stderr,
+        )
+        return 1
     if stats.unexpected:
         print(f"sage-otel demo: unexpected errors: {stats.unexpected}", file=sys.stderr)
         return 1
     return 0
 
 
-__all__ = ["DemoConfig", "DemoStats", "main", "run_demo"]
+__all__ = ["DemoConfig", "DemoStats", "main", "run_demo", "status_line"]

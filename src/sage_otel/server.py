@@ -36,7 +36,6 @@ import atexit
 import functools
 import json
 import os
-import socket
 import ssl
 import stat
 import sys
@@ -56,6 +55,7 @@ from .agent.did import (
     RegistryFileError,
 )
 from .agent.edge import EdgeLimits, SageHttpProtocol
+from .agent.errors import SageError
 from .agent.identity import AgentIdentity, parse_chain
 from .agent.session import SessionManager
 from .agent.transport import ServerAgent
@@ -92,11 +92,12 @@ class IdentityFileError(Exception):
 def load_identity(path: str | os.PathLike[str], chain: str = "solana") -> AgentIdentity:
     """The agent's identity from ``path``, created there (mode 0600) if the file is absent."""
     path = Path(path)
+    new_chain = parse_chain(chain)  # a bad chain fails before the file exists
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return _read_identity(path)
-    identity = AgentIdentity.generate(chain)
+    identity = AgentIdentity.generate(new_chain)
     secret = {
         "chain": identity.did.chain.value,
         "signing_key": identity.signing_key.private_bytes().hex(),
@@ -108,21 +109,24 @@ def load_identity(path: str | os.PathLike[str], chain: str = "solana") -> AgentI
 
 
 def _read_identity(path: Path) -> AgentIdentity:
+    """The identity in ``path``; whether it is one is told before whether its mode is safe
+    (a file that is no identity needs another path, not a chmod)."""
+    try:
+        data = json.loads(path.read_text())
+        identity = AgentIdentity.from_secrets(
+            parse_chain(data["chain"]),
+            bytes.fromhex(data["signing_key"]),
+            bytes.fromhex(data["kem_key"]),
+        )
+    except (ValueError, KeyError, TypeError, SageError) as exc:
+        raise IdentityFileError(f"{path} is not a sage-otel identity file") from exc
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise IdentityFileError(
             f"{path} is accessible to group or others (mode {stat.S_IMODE(mode):o}); "
             f"run: chmod 600 {path}"
         )
-    try:
-        data = json.loads(path.read_text())
-        return AgentIdentity.from_secrets(
-            parse_chain(data["chain"]),
-            bytes.fromhex(data["signing_key"]),
-            bytes.fromhex(data["kem_key"]),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IdentityFileError(f"{path} is not a sage-otel identity file") from exc
+    return identity
 
 
 def _registry() -> Registry:
@@ -130,8 +134,31 @@ def _registry() -> Registry:
     return JsonFileRegistry(path) if path else InMemoryRegistry()
 
 
+def auto_instrumented() -> bool:
+    """Whether this process's OpenTelemetry was set up before sage-otel set up any: by
+    ``opentelemetry-instrument`` (the ``sage`` instrumentor already instrumented, an SDK
+    provider already global), or by the application. Its providers and exporters are then
+    the ones to use; a second set would only fight them for the global API."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from .instrumentation import SageInstrumentor
+    from .telemetry.setup import current
+
+    if current() is not None:
+        return False
+    return (
+        SageInstrumentor().is_instrumented_by_opentelemetry
+        or isinstance(trace.get_tracer_provider(), TracerProvider)
+        or isinstance(metrics.get_meter_provider(), MeterProvider)
+    )
+
+
 def _telemetry(**metrics: Any) -> Any:
-    """This process's telemetry; a second call returns the first one's.
+    """This process's telemetry; a second call returns the first one's. None when the
+    process is auto-instrumented (:func:`auto_instrumented`): instrumented, never configured
+    as well.
 
     Spans only when something exports them: an exemplar must lead to a stored trace, and an
     unexported span is pure cost on every message."""
@@ -139,6 +166,8 @@ def _telemetry(**metrics: Any) -> Any:
 
     from .telemetry.setup import otlp_configured
 
+    if auto_instrumented():
+        return None
     return sage_otel.configure(
         service_name=os.environ.get("OTEL_SERVICE_NAME"),
         traces=otlp_configured("TRACES"),
@@ -172,7 +201,8 @@ def create_app() -> Any:
         os.environ.get(IDENTITY_ENV) or "sage-identity.json", os.environ.get(CHAIN_ENV, "solana")
     )
     telemetry = _telemetry()  # under `sage-otel serve --workers 1`: the one it set up
-    atexit.register(telemetry.shutdown)
+    if telemetry is not None:
+        atexit.register(telemetry.shutdown)
     admission = admission_limits()
     agent = ServerAgent(
         identity,
@@ -200,17 +230,6 @@ def create_app() -> Any:
 
         agent.app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))
     return agent.app
-
-
-def _port_free(host: str, port: int) -> str | None:
-    """None if ``host:port`` can be bound, else the reason."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            return error.strerror or str(error)
-    return None
 
 
 def _announce_when_ready(line: str, url: str, timeout: float = 60.0) -> None:
@@ -272,16 +291,25 @@ def serve(
     except (OSError, ValueError) as error:
         print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
         return 2
-    for what, h, p in (("agent", host, port), ("metrics", metrics_host, metrics_port)):
-        reason = _port_free(h, p)
-        if reason is not None:
-            print(f"sage-otel serve: cannot start: {what} port {h}:{p}: {reason}", file=sys.stderr)
-            return 2
+    from .preflight import BadInput, check_bindable
+    from .telemetry.setup import sdk_disabled
+
     try:
-        identity = load_identity(identity_path, chain)
-    except (IdentityFileError, OSError, ValueError) as error:
+        check_bindable("agent", host, port, "--port", "--host")
+        if not sdk_disabled() and not auto_instrumented():  # else it opens no /metrics port
+            metrics_flags = ("--metrics-port", "--metrics-host")
+            check_bindable("metrics", metrics_host, metrics_port, *metrics_flags, ipv4_only=True)
+    except BadInput as error:
         print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
         return 2
+    created = not Path(identity_path).exists()
+    try:
+        identity = load_identity(identity_path, chain)
+    except (IdentityFileError, OSError, ValueError, SageError) as error:
+        print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
+        return 2
+    if created:  # never silently: the file holds the agent's private keys
+        print(f"sage-otel serve: created identity {identity_path} (mode 0600)", file=sys.stderr)
     url = f"http://{host}:{port}"
     os.environ[IDENTITY_ENV] = str(Path(identity_path).resolve())
     os.environ[CHAIN_ENV] = chain
@@ -299,8 +327,12 @@ def serve(
     from .telemetry.web import WebConfigError, start_metrics_server
 
     shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    # No /metrics port when nothing of its own would record into it: the SDK disabled, or
+    # the process auto-instrumented (its exporters are then the user's choice).
+    own_telemetry = not sdk_disabled() and not auto_instrumented()
+    metrics_server = None
     try:
-        if workers == 1 and not shared and not sdk_disabled():
+        if own_telemetry and workers == 1 and not shared:
             # One process: /metrics straight from its in-process store (exemplars included,
             # no per-value file writes); uvicorn runs the app here and create_app() finds
             # this telemetry already set up.
@@ -308,7 +340,7 @@ def serve(
                 metrics_host=metrics_host, metrics_port=metrics_port, metrics_web_config=web_config
             )
             metrics_server = telemetry._server
-        else:
+        elif own_telemetry:
             if not shared:
                 shared = tempfile.mkdtemp(prefix="sage-otel-metrics-")
                 os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
@@ -318,8 +350,10 @@ def serve(
     except (OSError, WebConfigError) as error:
         print(f"sage-otel serve: cannot start: metrics: {error}", file=sys.stderr)
         return 2
-    scheme = "https" if isinstance(metrics_server.socket, ssl.SSLSocket) else "http"
-    metrics_url = f"{scheme}://{metrics_host}:{metrics_server.server_address[1]}/metrics"
+    metrics_url = "off"
+    if metrics_server is not None:
+        scheme = "https" if isinstance(metrics_server.socket, ssl.SSLSocket) else "http"
+        metrics_url = f"{scheme}://{metrics_host}:{metrics_server.server_address[1]}/metrics"
     line = f"did={identity.did} url={url} metrics={metrics_url}"
     threading.Thread(target=_announce_when_ready, args=(line, url), daemon=True).start()
 
@@ -343,5 +377,6 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=3,
     )
-    metrics_server.shutdown()
+    if metrics_server is not None:
+        metrics_server.shutdown()
     return 0
