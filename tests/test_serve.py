@@ -113,7 +113,12 @@ def _stop(process: subprocess.Popen[str]) -> float:
 def test_counts_are_exact_across_workers_and_survive_a_killed_worker(tmp_path: Path) -> None:
     # The demo's session limit, as the demo gives the server it starts itself: sessions the
     # clients stop using end on the server too, instead of filling the per-peer cap.
-    process, did, url, metrics = _start(tmp_path, workers=2, SAGE_OTEL_SESSION_MAX_MESSAGES="100")
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()  # where serve makes the workers' shared metrics directory
+    process, did, url, metrics = _start(
+        tmp_path, workers=2, SAGE_OTEL_SESSION_MAX_MESSAGES="100", TMPDIR=str(private_tmp)
+    )
+    assert [p.name[:18] for p in private_tmp.iterdir()] == ["sage-otel-metrics-"]
     try:
         first = _demo(tmp_path, did, url)
         victims = _workers(process.pid)
@@ -145,6 +150,7 @@ def test_counts_are_exact_across_workers_and_survive_a_killed_worker(tmp_path: P
     finally:
         elapsed = _stop(process)
     assert elapsed < 8.0
+    assert list(private_tmp.iterdir()) == []  # its own metrics directory went with it
 
 
 def test_any_worker_reports_all_of_them_under_plain_uvicorn(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ import atexit
 import functools
 import json
 import os
+import shutil
 import ssl
 import stat
 import sys
@@ -331,6 +332,7 @@ def serve(
     # the process auto-instrumented (its exporters are then the user's choice).
     own_telemetry = not sdk_disabled() and not auto_instrumented()
     metrics_server = None
+    own_dir: str | None = None
     try:
         if own_telemetry and workers == 1 and not shared:
             # One process: /metrics straight from its in-process store (exemplars included,
@@ -341,14 +343,16 @@ def serve(
             )
             metrics_server = telemetry._server
         elif own_telemetry:
-            if not shared:
-                shared = tempfile.mkdtemp(prefix="sage-otel-metrics-")
+            if not shared:  # ours: removed on every exit below
+                shared = own_dir = tempfile.mkdtemp(prefix="sage-otel-metrics-")
                 os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
             metrics_server, _thread = start_metrics_server(
                 metrics_port, metrics_host, multiprocess_registry(shared), web_config
             )
     except (OSError, WebConfigError) as error:
         print(f"sage-otel serve: cannot start: metrics: {error}", file=sys.stderr)
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
         return 2
     metrics_url = "off"
     if metrics_server is not None:
@@ -365,18 +369,22 @@ def serve(
     # make that handler a clean exit, the contract for SIGTERM.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
-    uvicorn.run(
-        "sage_otel.server:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        loop=_event_loop(),
-        http=ServeHttpProtocol,  # httptools with the edge limits (by reference to workers)
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=3,
-    )
-    if metrics_server is not None:
-        metrics_server.shutdown()
+    try:
+        uvicorn.run(
+            "sage_otel.server:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            loop=_event_loop(),
+            http=ServeHttpProtocol,  # httptools with the edge limits (by reference to workers)
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=3,
+        )
+    finally:  # also on the SystemExit a signal ends it with
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
     return 0

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -92,6 +92,16 @@ def _log_defect_once() -> None:
 
 def _default_handler(_session: Session, data: str | bytes) -> str | bytes:
     return data
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the application's own event loop: the application's signals are its
+    own (Ctrl-C ends its run as it chooses, then :meth:`ServerAgent.stop`), not a cue for
+    the server to shut down under requests still in flight."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class ServerAgent:
@@ -433,7 +443,7 @@ class ServerAgent:
             access_log=False,
             timeout_graceful_shutdown=2,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _EmbeddedServer(config)
         # Serve in a fresh context: the server's tasks must not inherit the caller's span.
         serve = self._server.serve(sockets=[sock])
         self._task = contextvars.Context().run(asyncio.create_task, serve)
