@@ -12,7 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/go-cache.sh"
 
 parse_check_flag "$@"
 
-version="${JAEGER_VERSION:-v1.76.0}"
+version="${JAEGER_VERSION:-v1.75.0}"
 dir="$cache/jaeger-$version"
 bin="$dir/jaeger"
 

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
 
+from tools.services import free_port as free_port  # re-exported: the tests take ports here
+
 LOOPBACK = "127.0.0.1"
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def fetch(url: str, accept: str | None = None, timeout: float = 5.0) -> tuple[str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import tempfile
@@ -38,8 +39,14 @@ T = TypeVar("T")
 _LOCATORS = {
     "sage-otelcol": ("build-collector.sh", 0),
     "jaeger": ("build-jaeger.sh", 0),
-    "prometheus": ("ensure-prometheus.sh", 0),
-    "promtool": ("ensure-prometheus.sh", 1),
+    # Prometheus 3 built from Go modules: what the end-to-end tests run by default.
+    "prometheus": ("build-prometheus.sh", 0),
+    "promtool": ("build-prometheus.sh", 1),
+    # Debian's Prometheus 2.42.
+    "prometheus-2": ("ensure-prometheus.sh", 0),
+    "promtool-2": ("ensure-prometheus.sh", 1),
+    "alertmanager": ("ensure-validators.sh", 2),
+    "sloth": ("build-sloth.sh", 0),
     "dot": ("ensure-graphviz.sh", 0),
     "thanos": ("build-thanos.sh", 0),
 }
@@ -49,8 +56,34 @@ class Unavailable(RuntimeError):
     """A prerequisite binary is not built or installed."""
 
 
+# Ports handed out below the kernel's ephemeral range: a port taken from that range (bind to
+# port 0) can be given to any outgoing connection between the check and the service's own
+# bind, and the service then fails with "address already in use".
+_PORT_RANGE = (20000, 32767)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (bound, then released)."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now (bound, then released),
+    below the ephemeral range and not handed out before by this process."""
+    low, high = _PORT_RANGE[0], min(_PORT_RANGE[1], _ephemeral_floor() - 1)
+    for _ in range(200):
+        port = random.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
@@ -288,6 +321,8 @@ def prometheus(
     scrape_interval: str = "1s",
     evaluation_interval: str = "1s",
     extra_args: Sequence[str] = (),
+    extra_config: Mapping[str, Any] | None = None,
+    executable: str | None = None,
 ) -> Iterator[Prometheus]:
     """A Prometheus on a free loopback port, its config and data under ``tmp_path``.
 
@@ -295,7 +330,7 @@ def prometheus(
     to such a list, or to a scrape config of its own (``static_configs``, ``metrics_path``…).
     Exemplar storage is always on; the remote-write receiver unless ``remote_write=False``.
     """
-    executable = binary("prometheus")
+    executable = executable or binary("prometheus")
     root = tmp_path / "prometheus"
     root.mkdir(parents=True, exist_ok=True)
     config = {
@@ -306,6 +341,7 @@ def prometheus(
         },
         "rule_files": [str(Path(path).resolve()) for path in rule_files],
         "scrape_configs": _scrape_configs(scrape_targets),
+        **dict(extra_config or {}),
     }
     config_path = root / "prometheus.yml"
     config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
