@@ -3,16 +3,20 @@
 # packages: docker-compose (validates collector/docker-compose.yaml against the Compose
 # Specification offline with `config -q`; no Docker engine is needed or started) and amtool
 # (from prometheus-alertmanager: `amtool check-config`; the service it ships is kept stopped).
-# Prints their paths; quiet otherwise unless it fails.
-# With --check it installs nothing: prints the paths if both are there, else exits 3.
+# The same package's Alertmanager (0.25) is what the alert delivery test runs.
+# Prints their paths, one a line: docker-compose, amtool, Alertmanager; quiet otherwise unless
+# it fails. With --check it installs nothing: prints the paths if all are there, else exits 3.
 set -euo pipefail
 
 die() { echo "ensure-validators: $*" >&2; exit 1; }
-found() { command -v docker-compose >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1; }
+found() {
+    command -v docker-compose >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 &&
+        command -v prometheus-alertmanager >/dev/null 2>&1
+}
 
 if ! found; then
     if [ "${1:-}" = "--check" ]; then
-        echo "ensure-validators: docker-compose/amtool are not installed (run: make validators)" >&2
+        echo "ensure-validators: docker-compose/amtool/prometheus-alertmanager are not installed (run: make validators)" >&2
         exit 3
     fi
     [ "$(id -u)" -eq 0 ] || die "docker-compose/amtool are missing and we are not root: apt-get install docker-compose prometheus-alertmanager"
@@ -38,7 +42,8 @@ if ! found; then
         systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || true
     fi
     pkill -x prometheus-alertmanager >/dev/null 2>&1 || true
-    found || die "docker-compose/amtool still missing after the install"
+    found || die "docker-compose/amtool/prometheus-alertmanager still missing after the install"
 fi
 command -v docker-compose
 command -v amtool
+command -v prometheus-alertmanager
