@@ -1,14 +1,16 @@
-"""The compose stack for users (collector/docker-compose.yaml) and the files it mounts.
+"""The compose stacks for users (collector/docker-compose*.yaml) and the files they mount.
 
-Nothing here runs a container (there is no Docker engine). The compose file is validated
-against the Compose Specification by Debian's ``docker-compose`` (``config -q`` works offline
-and checks the file against the spec's JSON schema), the Prometheus config by ``promtool``,
-the Alertmanager config by ``amtool`` when it is installed; Tempo's config and Grafana's
-provisioning are checked structurally and against each other: every uid, host, port and path
-one file names must be what the file it points at defines.
+Nothing here runs a container (there is no Docker engine). The compose files, alone and with
+the remote-write override merged in, are validated against the Compose Specification by
+Debian's ``docker-compose`` (``config`` works offline and checks the files against the spec's
+JSON schema); every configuration they mount by the program that reads it: the collector's
+by ``sage-otelcol validate``, Prometheus's by Prometheus 3's ``promtool`` (the release of the
+compose image, built by scripts/build-prometheus.sh), Alertmanager's by ``amtool``. Tempo's
+config and Grafana's provisioning are checked structurally and against each other: every
+uid, host, port and path one file names must be what the file it points at defines.
 
-``make validators`` (scripts/ensure-validators.sh) installs both validators from Debian's
-packages; a missing validator fails the test under ``CI=true`` and skips it elsewhere.
+``make validators`` and ``make e2e-prereqs`` provide the validators; a missing one fails the
+test under ``CI=true`` and skips it elsewhere.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import pytest
 import yaml
 
 from sage_otel.telemetry.catalog import INSTRUMENTS
+from tools import services as stack_services
 
 REPO = Path(__file__).resolve().parents[1]
 COLLECTOR = REPO / "collector"
 COMPOSE = COLLECTOR / "docker-compose.yaml"
+REMOTE_WRITE_COMPOSE = COLLECTOR / "docker-compose.remote-write.yaml"
 COLLECTOR_CONFIG = COLLECTOR / "otel-collector.yaml"
+REMOTE_WRITE_CONFIG = COLLECTOR / "otel-collector.remote-write.yaml"
 BUILDER_CONFIG = COLLECTOR / "builder-config.yaml"
 PROMETHEUS_CONFIG = COLLECTOR / "prometheus" / "prometheus.yml"
 ALERTMANAGER_CONFIG = COLLECTOR / "alertmanager" / "alertmanager.yml"
@@ -44,6 +49,11 @@ SERVICES = {"sage-demo", "otel-collector", "tempo", "prometheus", "alertmanager"
 # The monitoring plan (§6.2): agent metrics on 9090, Prometheus on 9091, Grafana on 3000.
 PLAN_PORTS = {9090: ("sage-demo", 9090), 9091: ("prometheus", 9090), 3000: ("grafana", 3000)}
 COLLECTOR_IMAGE = "otel/opentelemetry-collector-contrib"
+PROMETHEUS_IMAGE = "prom/prometheus"
+BUILD_PROMETHEUS = REPO / "scripts" / "build-prometheus.sh"
+BUILD_JAEGER = REPO / "scripts" / "build-jaeger.sh"
+# Jaeger's newest approved release; the newer ones served by the module proxy are not.
+JAEGER_RELEASE = "v1.75.0"
 GRAFANA_PROVISIONING = PurePosixPath("/etc/grafana/provisioning")
 CATALOG_NAMES = {instrument.prometheus_name for instrument in INSTRUMENTS}
 SAGE_METRIC = re.compile(r"\bsage_[a-z0-9_]+")
@@ -54,6 +64,14 @@ def missing(reason: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
+
+
+def tool(name: str) -> str:
+    """A prerequisite binary located as the end-to-end tests locate it (tools/services.py)."""
+    try:
+        return stack_services.binary(name)
+    except stack_services.Unavailable as exc:
+        missing(str(exc))
 
 
 def load(path: Path) -> Any:
@@ -258,10 +276,18 @@ def test_collector_service_matches_its_config(
     assert host == "tempo"
     assert port == host_port(tempo_grpc)[1]
 
-    # Metrics to Prometheus' remote-write receiver, on the port it listens on inside.
-    url = urlsplit(env["PROMETHEUS_REMOTE_WRITE_URL"])
-    assert (url.hostname, url.port, url.path) == ("prometheus", 9090, "/api/v1/write")
+    # Metrics to Prometheus's OTLP receiver (the exporter appends /v1/metrics), on the port
+    # it listens on inside, which the receiver's flag turns on.
+    url = urlsplit(env["PROMETHEUS_OTLP_ENDPOINT"])
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "http",
+        "prometheus",
+        9090,
+        "/api/v1/otlp",
+    )
     assert url.port in container_ports(services["prometheus"])
+    assert "--web.enable-otlp-receiver" in services["prometheus"]["command"]
+    assert "PROMETHEUS_REMOTE_WRITE_URL" not in env, "remote write is the override's option"
 
     # The OTLP receivers and the health check listen on every interface, published as is.
     for key in ("OTLP_GRPC_ENDPOINT", "OTLP_HTTP_ENDPOINT", "HEALTH_CHECK_ENDPOINT"):
@@ -291,24 +317,151 @@ def test_demo_agent_service(services: dict[str, dict[str, Any]]) -> None:
     assert env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf") == "http/protobuf"
 
 
+# --- the collector's configurations and the remote-write override ---------------------------
+
+
+def config_variables(*paths: Path) -> set[str]:
+    """The ${env:NAME} variables the collector configurations read."""
+    text = "".join(path.read_text(encoding="utf-8") for path in paths)
+    return set(re.findall(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)", text))
+
+
+def metrics_exporters(config: dict[str, Any]) -> list[str]:
+    return config["service"]["pipelines"]["metrics"]["exporters"]
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [[COLLECTOR_CONFIG], [COLLECTOR_CONFIG, REMOTE_WRITE_CONFIG]],
+    ids=["otlp", "remote-write"],
+)
+def test_collector_configs_validate_with_the_built_collector(configs: list[Path]) -> None:
+    """The shipped configuration, and it with the remote-write overlay merged in, as the
+    compose files run them (several --config flags are merged by the collector)."""
+    collector = tool("sage-otelcol")
+    result = run([collector, "validate", *[f"--config={path}" for path in configs]])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_collector_metrics_go_over_otlp_and_the_overlay_switches_them_to_remote_write() -> None:
+    base, overlay = load(COLLECTOR_CONFIG), load(REMOTE_WRITE_CONFIG)
+    default = metrics_exporters(base)
+    assert default and all(name.split("/")[0] in {"otlp_http", "otlphttp"} for name in default)
+    for name in default:
+        assert "${env:PROMETHEUS_OTLP_ENDPOINT" in str(base["exporters"][name]["endpoint"])
+    # The collector merges maps key by key and replaces lists: the overlay's exporter list wins.
+    switched = metrics_exporters(overlay)
+    assert switched and all(n.split("/")[0] == "prometheus_remote_write" for n in switched)
+    exporters = {**base.get("exporters", {}), **overlay.get("exporters", {})}
+    for name in switched:
+        endpoint = str(exporters[name]["http"]["endpoint"])
+        assert "${env:PROMETHEUS_REMOTE_WRITE_URL" in endpoint, name
+    # Traces are untouched by the overlay.
+    assert "traces" not in overlay["service"]["pipelines"] or (
+        overlay["service"]["pipelines"]["traces"] == base["service"]["pipelines"]["traces"]
+    )
+
+
+@pytest.fixture(scope="module")
+def remote_write_stack(docker_compose: str) -> dict[str, Any]:
+    """docker-compose's own merge of the compose file and the remote-write override."""
+    result = run([docker_compose, "-f", str(COMPOSE), "-f", str(REMOTE_WRITE_COMPOSE), "config"])
+    assert result.returncode == 0, result.stderr or result.stdout
+    return yaml.safe_load(result.stdout)
+
+
+def test_remote_write_override_changes_only_the_collector(
+    remote_write_stack: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    assert set(load(REMOTE_WRITE_COMPOSE)["services"]) == {"otel-collector"}
+    merged = remote_write_stack["services"]
+    assert set(merged) == set(services)
+    for name in set(services) - {"otel-collector"}:
+        assert merged[name]["image"] == services[name]["image"], name
+        assert merged[name].get("command") == services[name].get("command"), name
+
+
+def test_remote_write_override_runs_the_overlay_into_prometheus(
+    remote_write_stack: dict[str, Any],
+) -> None:
+    merged = remote_write_stack["services"]
+    collector = merged["otel-collector"]
+    paths = [
+        repo_path_in(collector, PurePosixPath(arg.split("=", 1)[1]))
+        for arg in collector["command"]
+        if arg.startswith("--config")
+    ]
+    assert paths == [COLLECTOR_CONFIG, REMOTE_WRITE_CONFIG]
+    for path in paths:
+        assert path is not None and path.is_file(), path
+    env = {key: str(value) for key, value in collector["environment"].items()}
+    assert set(env) <= config_variables(COLLECTOR_CONFIG, REMOTE_WRITE_CONFIG)
+    url = urlsplit(env["PROMETHEUS_REMOTE_WRITE_URL"])
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "http",
+        "prometheus",
+        9090,
+        "/api/v1/write",
+    )
+    assert "--web.enable-remote-write-receiver" in merged["prometheus"]["command"]
+
+
 # --- Prometheus and Alertmanager ------------------------------------------------------------
 
 
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if not found:
-        missing("promtool is not installed (Debian's prometheus package; `make prometheus`)")
-    return found
-
-
 def test_promtool_accepts_the_config() -> None:
-    result = run([promtool(), "check", "config", str(PROMETHEUS_CONFIG)])
+    """Prometheus 3's promtool, the compose image's release: it also loads every rule file."""
+    result = run([tool("promtool"), "check", "config", str(PROMETHEUS_CONFIG)])
     assert result.returncode == 0, result.stdout + result.stderr
+    rule_files = sorted((PROMETHEUS_CONFIG.parent / "alerts").glob("*.yml"))
+    assert rule_files
+    for path in rule_files:
+        assert f"Checking {path}\n" in result.stdout, f"{path.name} was not loaded"
+
+
+def test_promtool_validation_means_something(tmp_path: Path) -> None:
+    """The check above rejects a setting Prometheus does not have."""
+    config = load(PROMETHEUS_CONFIG)
+    config.pop("rule_files", None)
+    config.setdefault("otlp", {})["no_such_setting"] = True
+    bad = tmp_path / "prometheus.yml"
+    bad.write_text(yaml.safe_dump(config))
+    result = run([tool("promtool"), "check", "config", str(bad)])
+    assert result.returncode != 0
+    assert "no_such_setting" in result.stdout + result.stderr
+
+
+def prometheus_release() -> str:
+    """The Prometheus release scripts/build-prometheus.sh builds: module v0.3XX.Y is v3.XX.Y."""
+    found = re.search(r"PROMETHEUS_VERSION:-v0\.(\d+)\.(\d+)\b", BUILD_PROMETHEUS.read_text())
+    assert found, "scripts/build-prometheus.sh names no PROMETHEUS_VERSION default"
+    major, minor = divmod(int(found.group(1)), 100)
+    return f"v{major}.{minor}.{found.group(2)}"
+
+
+def test_prometheus_image_is_the_release_the_tests_run(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    repo, tag = image_parts(services["prometheus"]["image"])
+    assert repo == PROMETHEUS_IMAGE
+    assert tag == prometheus_release()
+    assert tag.startswith("v3."), "the OTLP receiver and prometheus.yml's otlp: need Prometheus 3"
+
+
+def test_built_prometheus_is_that_release() -> None:
+    """The binary the end-to-end tests and the checks above run reports that very version."""
+    result = run([tool("prometheus"), "--version"])
+    assert result.returncode == 0, result.stderr
+    version = re.search(r"prometheus, version (\S+)", result.stdout + result.stderr)
+    assert version, result.stdout + result.stderr
+    assert f"v{version.group(1)}" == prometheus_release()
 
 
 def test_prometheus_service_flags_and_mounts(services: dict[str, dict[str, Any]]) -> None:
     prometheus = services["prometheus"]
     flags = prometheus["command"]
+    # The collector's metrics arrive over OTLP; Tempo's metrics generator can only remote-write.
+    assert "--web.enable-otlp-receiver" in flags
     assert "--web.enable-remote-write-receiver" in flags
     assert "--enable-feature=exemplar-storage" in flags
     config_flag = next(flag for flag in flags if flag.startswith("--config.file="))
@@ -375,6 +528,17 @@ def test_alertmanager_config_structure(services: dict[str, dict[str, Any]]) -> N
     for route in walk(config["route"]):
         if "receiver" in route:
             assert route["receiver"] in names, f"unknown receiver {route['receiver']}"
+
+    def reached(route: dict[str, Any], inherited: str) -> Iterator[str]:
+        """The receiver of every route; a route without one takes its parent's."""
+        own = route.get("receiver", inherited)
+        yield own
+        for child in route.get("routes", []):
+            yield from reached(child, own)
+
+    # Where notifications go is said in one place: every route ends at the one receiver.
+    receivers = set(reached(config["route"], config["route"]["receiver"]))
+    assert len(names) == 1 and receivers == set(names), f"receivers {names}, routed {receivers}"
     alertmanager = services["alertmanager"]
     config_flag = next(f for f in alertmanager["command"] if f.startswith("--config.file="))
     mounted = repo_path_in(alertmanager, PurePosixPath(config_flag.split("=", 1)[1]))
@@ -553,15 +717,6 @@ THANOS_IMAGE = "quay.io/thanos/thanos"
 INGESTERS = {"thanos-receive-1", "thanos-receive-2", "thanos-receive-3"}
 
 
-def built(script: str, what: str) -> str:
-    """A binary the e2e prerequisites build (the script's --check mode builds nothing)."""
-    result = run(["bash", str(REPO / "scripts" / script), "--check"], timeout=60)
-    paths = result.stdout.split()
-    if result.returncode != 0 or not paths:
-        missing(f"{what} is not built ({result.stderr.strip()}); `make e2e-prereqs` builds it")
-    return paths[0]
-
-
 def flag(args: list[str], name: str) -> str:
     """The value of ``--name=value`` in a command line (the only one)."""
     values = [arg.split("=", 1)[1] for arg in args if arg.startswith(f"--{name}=")]
@@ -581,7 +736,7 @@ def test_scale_compose_file_is_valid(docker_compose: str) -> None:
 
 @pytest.mark.parametrize("config", [AGENT_TIER, GATEWAY_TIER], ids=lambda p: p.stem)
 def test_tier_configs_validate_with_the_built_collector(config: Path) -> None:
-    collector = built("build-collector.sh", "sage-otelcol")
+    collector = tool("sage-otelcol")
     result = run([collector, "validate", f"--config={config}"])
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -589,7 +744,7 @@ def test_tier_configs_validate_with_the_built_collector(config: Path) -> None:
 def test_tier_validation_means_something(tmp_path: Path) -> None:
     """The check above rejects a setting the tail sampler does not have. (It does not parse
     the policies' OTTL: tests/e2e/test_scale.py runs the gateways, which do.)"""
-    collector = built("build-collector.sh", "sage-otelcol")
+    collector = tool("sage-otelcol")
     config = load(GATEWAY_TIER)
     config["processors"]["tail_sampling"]["no_such_setting"] = 1
     bad = tmp_path / "gateway.yaml"
@@ -601,7 +756,7 @@ def test_tier_validation_means_something(tmp_path: Path) -> None:
 
 def test_thanos_accepts_the_alert_rules() -> None:
     """thanos rule evaluates the project's rule files unchanged in the scale-out stack."""
-    thanos = built("build-thanos.sh", "thanos")
+    thanos = tool("thanos")
     rules = sorted(str(path) for path in (COLLECTOR / "prometheus" / "alerts").glob("*.yml"))
     assert rules
     result = run([thanos, "tools", "rules-check", *[f"--rules={path}" for path in rules]])
@@ -748,3 +903,44 @@ def test_scale_tempo_writes_generated_metrics_to_the_router(
         config["metrics_generator"]["storage"].pop("remote_write")
         config["metrics_generator"]["registry"]["external_labels"].pop("cluster")
     assert tempo == base
+
+
+# --- the Jaeger pin -------------------------------------------------------------------------
+
+
+def test_jaeger_is_pinned_to_its_approved_release() -> None:
+    """The module proxy also serves newer Jaeger versions that are not approved releases."""
+    default = re.search(r"JAEGER_VERSION:-(v[0-9.]+)\}", BUILD_JAEGER.read_text())
+    assert default and default.group(1) == JAEGER_RELEASE
+
+
+def test_nothing_in_the_repository_names_another_jaeger_release() -> None:
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"])
+    assert listed.returncode == 0, listed.stderr
+    version = re.compile(r"jaeger[^\n]*?\bv?(1\.\d+\.\d+)\b", re.IGNORECASE)
+    named: dict[str, set[str]] = {}
+    for name in listed.stdout.splitlines():
+        path = REPO / name
+        if path.suffix in {".png", ".svg", ".json"} or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for found in version.finditer(text):
+            named.setdefault(found.group(1), set()).add(name)
+    assert set(named) <= {JAEGER_RELEASE.removeprefix("v")}, named
+
+
+def test_built_jaeger_is_the_pinned_release() -> None:
+    """The binary the end-to-end tests run was built from that release (Go build info)."""
+    jaeger = tool("jaeger")
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not Path(go).is_file():
+        missing("Go is not installed (needed to read the binary's build info)")
+    result = run([go, "version", "-m", jaeger])
+    assert result.returncode == 0, result.stderr
+    modules = re.findall(
+        r"^\s*(?:mod|dep)\s+github\.com/jaegertracing/jaeger\s+(\S+)", result.stdout, re.M
+    )
+    assert modules == [JAEGER_RELEASE], result.stdout[:2000]
