@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: demo test lint install clean bench collector jaeger prometheus validators e2e-prereqs \
 	dashboards metrics-docs lowest-deps fuzz soak bench-backend bench-http bench-memory graphviz pictures \
-	thanos bench-scale siege
+	thanos bench-scale siege sloth slos prometheus3
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,24 +38,34 @@ dashboards: $(STAMP)
 metrics-docs: $(STAMP)
 	$(BIN)/python -m tools.metrics_docs --write
 
+# collector/prometheus/alerts/sage-slos.yml from the SLO spec collector/prometheus/slos/.
+slos: $(STAMP) sloth
+	$(BIN)/python -m tools.slos --write
+
 # docs/images/: the demo with its injected failures against a server agent, Prometheus and
 # Jaeger v2 for 7 minutes (PICTURES_ARGS="--seconds N" to change), then the overview
 # dashboard, an exemplar's trace and an alert drawn from what they stored, and the
 # architecture from docs/images/architecture.dot (tools/pictures.py).
-pictures: $(STAMP) jaeger prometheus graphviz
+pictures: $(STAMP) jaeger prometheus3 graphviz
 	@echo "pictures: about 8 minutes: 7 of demo traffic (a line every 30 s), then drawing"
 	$(BIN)/python -m tools.pictures --out docs/images $(PICTURES_ARGS)
 
 # End-to-end prerequisites, cached outside the repo (see scripts/): the collector
-# distribution, Jaeger v2 and Thanos built with Go, Prometheus from Debian's package.
+# distribution, Jaeger v2, Thanos and Prometheus 3 built with Go, Prometheus 2.42 from
+# Debian's package.
 collector:
 	@bash scripts/build-collector.sh
 
 jaeger:
 	@bash scripts/build-jaeger.sh
 
+# Debian's Prometheus 2.42 and its promtool (the remote-write path's floor).
 prometheus:
 	@bash scripts/ensure-prometheus.sh
+
+# Prometheus 3 and its promtool built from Go modules: what the end-to-end tests run.
+prometheus3:
+	@bash scripts/build-prometheus.sh
 
 validators:
 	@bash scripts/ensure-validators.sh
@@ -67,7 +77,11 @@ graphviz:
 thanos:
 	@bash scripts/build-thanos.sh
 
-e2e-prereqs: collector jaeger prometheus validators graphviz thanos
+# Sloth, which generates the SLO rules (make slos) and checks them in make test.
+sloth:
+	@bash scripts/build-sloth.sh
+
+e2e-prereqs: collector jaeger prometheus prometheus3 validators graphviz thanos sloth
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

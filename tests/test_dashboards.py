@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ import pytest
 if sys.version_info < (3, 11):  # grafana-foundation-sdk needs Python 3.11
     pytest.skip("grafana-foundation-sdk requires Python >= 3.11", allow_module_level=True)
 
+import yaml
+
+from e2e.services import binary
 from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
 from tools import dashboards
 from tools.queries import m
@@ -27,6 +31,7 @@ EXPECTED_FILES = {
     "sage-messages.json",
     "sage-debugging.json",
 }
+SLO_FILE = "sage-slos.json"
 # The monitoring plan's dashboard (§4.1).
 PLAN_PANEL_TITLES = (
     "Active Sessions",
@@ -46,8 +51,19 @@ CATALOG_NAMES = {instrument.prometheus_name for instrument in INSTRUMENTS}
 
 
 @pytest.fixture(scope="module")
-def generated() -> dict[str, dict[str, Any]]:
+def everything() -> dict[str, dict[str, Any]]:
     return dashboards.all_dashboards()
+
+
+@pytest.fixture(scope="module")
+def generated(everything: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The dashboards on SAGE metrics (the SLO dashboard reads recording rules)."""
+    return {file: d for file, d in everything.items() if file != SLO_FILE}
+
+
+@pytest.fixture(scope="module")
+def slo_dashboard(everything: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return everything[SLO_FILE]
 
 
 def metric_names(expr: str) -> set[str]:
@@ -73,25 +89,25 @@ def all_exprs(generated: dict[str, dict[str, Any]]) -> list[str]:
     return exprs
 
 
-def test_committed_json_is_current(generated: dict[str, dict[str, Any]]) -> None:
+def test_committed_json_is_current(everything: dict[str, dict[str, Any]]) -> None:
     hint = f"run `{dashboards.REGENERATE}`"
-    assert set(generated) == EXPECTED_FILES
-    for file, dashboard in generated.items():
+    assert set(everything) == EXPECTED_FILES | {SLO_FILE}
+    for file, dashboard in everything.items():
         path = DASHBOARD_DIR / file
         assert path.exists(), f"{path} is missing: {hint}"
         assert path.read_text(encoding="utf-8") == dashboards.render(dashboard), (
             f"{path} is stale (the catalog, the queries or the dashboards changed): {hint}"
         )
     committed = {path.name for path in DASHBOARD_DIR.glob("*.json")}
-    assert committed == set(generated), f"unexpected dashboard files: {hint}"
+    assert committed == set(everything), f"unexpected dashboard files: {hint}"
 
 
-def test_generation_is_deterministic(generated: dict[str, dict[str, Any]]) -> None:
+def test_generation_is_deterministic(everything: dict[str, dict[str, Any]]) -> None:
     again = dashboards.all_dashboards()
     assert {f: dashboards.render(d) for f, d in again.items()} == {
-        f: dashboards.render(d) for f, d in generated.items()
+        f: dashboards.render(d) for f, d in everything.items()
     }
-    for dashboard in generated.values():
+    for dashboard in everything.values():
         assert "id" not in dashboard and "version" not in dashboard
         text = dashboards.render(dashboard)
         assert text.endswith("}\n") and not text.endswith("\n\n")
@@ -103,13 +119,13 @@ def test_check_and_write_cli(tmp_path: Path) -> None:
     assert dashboards.main(["--check", "--dir", str(tmp_path)]) == 1
     assert dashboards.main(["--write", "--dir", str(tmp_path)]) == 0
     assert dashboards.main(["--check", "--dir", str(tmp_path)]) == 0
-    assert {p.name for p in tmp_path.iterdir()} == EXPECTED_FILES
+    assert {p.name for p in tmp_path.iterdir()} == EXPECTED_FILES | {SLO_FILE}
 
 
-def test_uids_are_unique_and_fixed(generated: dict[str, dict[str, Any]]) -> None:
-    uids = [d["uid"] for d in generated.values()]
+def test_uids_are_unique_and_fixed(everything: dict[str, dict[str, Any]]) -> None:
+    uids = [d["uid"] for d in everything.values()]
     assert len(set(uids)) == len(uids)
-    for file, dashboard in generated.items():
+    for file, dashboard in everything.items():
         assert dashboard["uid"] == Path(file).stem
         ids = [panel["id"] for panel in dashboard["panels"]]
         assert len(set(ids)) == len(ids)
@@ -128,9 +144,9 @@ def test_every_catalog_metric_is_on_a_dashboard(generated: dict[str, dict[str, A
 
 
 def test_every_panel_has_title_unit_description_and_query(
-    generated: dict[str, dict[str, Any]],
+    everything: dict[str, dict[str, Any]],
 ) -> None:
-    for file, dashboard in generated.items():
+    for file, dashboard in everything.items():
         panels = list(dashboards.iter_panels(dashboard))
         assert panels, file
         for panel in panels:
@@ -222,3 +238,120 @@ def test_no_metric_name_is_typed_in_the_module() -> None:
     source = Path(dashboards.__file__).read_text(encoding="utf-8")
     retyped = sorted(name for name in CATALOG_NAMES if name.removesuffix("_total") in source)
     assert not retyped, "use m()/quantile()/PLAN_QUERIES instead of metric names"
+
+
+# --- the SLO dashboard ---------------------------------------------------------------------
+
+SLO_RULES = dashboards.SLO_RULES
+RECORD = re.compile(r"\b(slo:[a-z_:0-9]+|sloth_slo_info)\b")
+
+
+def slo_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(SLO_RULES.read_text(encoding="utf-8"))["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_slo_dashboard_has_a_row_per_slo_with_its_panels(slo_dashboard: dict[str, Any]) -> None:
+    rows = [p["title"] for p in slo_dashboard["panels"] if p["type"] == "row"]
+    objectives = {
+        rule["labels"]["sloth_slo"]: rule["labels"]["sloth_objective"]
+        for rule in slo_rules()
+        if rule.get("record") == "sloth_slo_info"
+    }
+    assert len(objectives) == 3
+    assert rows == [
+        "All SLOs",
+        *(f"{name}: objective {value}% over 30 days" for name, value in objectives.items()),
+    ]
+    titles = [p["title"] for p in dashboards.iter_panels(slo_dashboard)]
+    for title in (
+        "Error Budget Remaining",
+        "Burn Rate: Page Windows",
+        "Burn Rate: Ticket Windows",
+        "SLI and Objective",
+    ):
+        assert titles.count(title) == len(objectives), title
+    variables = [v["name"] for v in slo_dashboard["templating"]["list"]]
+    assert variables == ["datasource"]
+
+
+def test_slo_dashboard_reads_only_recorded_series(slo_dashboard: dict[str, Any]) -> None:
+    recorded = {rule["record"] for rule in slo_rules() if "record" in rule}
+    ids = {rule["labels"]["sloth_id"] for rule in slo_rules() if "record" in rule}
+    for panel, target in targets(slo_dashboard):
+        expr = target["expr"]
+        assert not METRIC_NAME.search(expr), expr
+        names = set(RECORD.findall(expr))
+        assert names <= recorded, (panel["title"], names - recorded)
+        assert names or expr.startswith("vector("), expr
+        assert set(re.findall(r'sloth_id="([^"]+)"', expr)) <= ids, expr
+
+
+def test_slo_burn_thresholds_are_the_alerts(slo_dashboard: dict[str, Any]) -> None:
+    """The threshold lines are the factors in the generated alerts: Sloth's google-30d
+    windows (2% of the budget in 1h, 5% in 6h, 10% in 1d and in 3d)."""
+    expected = {"Burn Rate: Page Windows": {14.4, 6.0}, "Burn Rate: Ticket Windows": {3.0, 1.0}}
+    alerts = " ".join(rule["expr"] for rule in slo_rules() if "alert" in rule)
+    for panel, target in targets(slo_dashboard):
+        constant = re.fullmatch(r"vector\(([\d.]+)\)", target["expr"])
+        if constant:
+            factor = float(constant.group(1))
+            assert factor in expected[panel["title"]], panel["title"]
+            assert f"({constant.group(1)} * " in alerts
+    for slo in dashboards.slos():
+        assert [(sev, f) for sev, f, _, _ in slo.conditions] == [
+            ("page", 14.4),
+            ("page", 6.0),
+            ("ticket", 3.0),
+            ("ticket", 1.0),
+        ]
+
+
+@pytest.mark.parametrize("promtool", ["promtool", "promtool-2"])
+def test_slo_dashboard_queries_return_data_from_the_rules(promtool: str, tmp_path: Path) -> None:
+    """Under promtool with the generated rules and an hour of traffic for every SLO, each
+    SLO panel query returns data: ``count(query)`` is the number of series it shows."""
+    executable = binary(promtool)
+    agent = 'job="sage-agent",instance="agent-1:9090"'
+    series = {
+        f'{m("handshakes_completed")}{{{agent},status="success"}}': "0+100x60",
+        f'{m("handshakes_completed")}{{{agent},status="failure"}}': "0+2x60",
+        f'{m("handshakes_failed")}{{{agent},error_type="timeout"}}': "0+1x60",
+        f'{m("handshakes_failed")}{{{agent},error_type="signature"}}': "0+1x60",
+        f'{m("messages_processed")}{{{agent},type="text",status="success"}}': "0+100x60",
+        f'{m("messages_processed")}{{{agent},type="text",status="failure"}}': "0+1x60",
+        f'{m("message_processing_duration", "_bucket")}{{{agent},le="0.01024"}}': "0+99x60",
+        f'{m("message_processing_duration", "_bucket")}{{{agent},le="+Inf"}}': "0+100x60",
+        f"{m('message_processing_duration', '_count')}{{{agent}}}": "0+100x60",
+    }
+    queries = dashboards.slo_panel_queries()
+    assert {file for file, _, _ in queries} == {SLO_FILE}
+    tests = [
+        {
+            "expr": f"count({expr})",
+            "eval_time": "1h",
+            "exp_samples": [{"labels": "{}", "value": 3 if "sloth_service" in expr else 1}],
+        }
+        for _, _, expr in queries
+    ]
+    unit = {
+        "rule_files": [str(SLO_RULES)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": k, "values": v} for k, v in series.items()],
+                "promql_expr_test": tests,
+            }
+        ],
+    }
+    path = tmp_path / "slo-dashboard.test.yml"
+    path.write_text(json.dumps(unit), encoding="utf-8")
+    result = subprocess.run(
+        [executable, "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -9,6 +9,10 @@ Every metric name comes from :mod:`sage_otel.telemetry.catalog` through the help
 none is typed here. Panels are written unscoped and :func:`scoped` adds the dashboard's
 ``job``/``instance`` filters to every SAGE selector in one place.
 
+The SLO dashboard reads the recording rules Sloth generates from the SLO spec
+(``collector/prometheus/alerts/sage-slos.yml``, ``make slos``): each SLO, its objective and
+its alert thresholds come from that file, so the dashboard follows the spec.
+
 The dashboards use a ``datasource`` variable (a Prometheus data source, default uid
 ``prometheus``). The debugging dashboard's latency queries ask Prometheus for exemplars;
 the data source's ``exemplarTraceIdDestinations`` (datasource uid ``tempo``) turns each
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
 from grafana_foundation_sdk.builders import heatmap, prometheus, timeseries
@@ -39,7 +44,10 @@ from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
 
 from .queries import BY_QUERY_KEY, m, quantile
 
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / "collector" / "grafana" / "dashboards"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DIR = REPO / "collector" / "grafana" / "dashboards"
+SLO_RULES = REPO / "collector" / "prometheus" / "alerts" / "sage-slos.yml"
+SLO_FILE = "sage-slos.json"
 REGENERATE = "python -m tools.dashboards --write"
 
 DATASOURCE_VARIABLE = "datasource"
@@ -257,16 +265,23 @@ class Dashboard:
     title: str
     description: str
     rows: tuple[tuple[str, tuple[Panel, ...]], ...]
+    # job/instance filters; the SLO dashboard's recording rules are summed over all agents.
+    per_agent: bool = True
 
 
-def _variables() -> list[Any]:
+def _variables(per_agent: bool = True) -> list[Any]:
     anchor = m("sessions_active")  # a gauge every agent exposes from startup
-    return [
+    datasource = (
         dashboard_builders.DatasourceVariable(DATASOURCE_VARIABLE)
         .label("Data source")
         .description("The Prometheus data source holding SAGE metrics.")
         .type("prometheus")  # the builder's name for the data source plugin id ("query")
-        .current(dashboard_models.VariableOption(text="Prometheus", value=DATASOURCE_UID)),
+        .current(dashboard_models.VariableOption(text="Prometheus", value=DATASOURCE_UID))
+    )
+    if not per_agent:
+        return [datasource]
+    return [
+        datasource,
         _filter_variable(
             "job",
             "Job",
@@ -323,7 +338,7 @@ def build(spec: Dashboard) -> dict[str, Any]:
         .refresh("30s")
         .timezone("browser")
         .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
-        .variables(_variables())
+        .variables(_variables(spec.per_agent))
         .annotation(_annotations())
         .link(
             dashboard_builders.DashboardLink("SAGE dashboards")
@@ -862,7 +877,161 @@ def _debugging() -> Dashboard:
     )
 
 
-def specs() -> tuple[Dashboard, ...]:
+# --- SLOs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Slo:
+    """One SLO as Sloth generated it: ids, objective and its alerts' window pairs."""
+
+    id: str
+    service: str
+    name: str
+    objective: str  # percent, as written in the spec
+    alert: str
+    # (severity, burn-rate factor, long window, short window), in the alerts' order
+    conditions: tuple[tuple[str, float, str, str], ...]
+
+
+_CONDITION = re.compile(
+    r"max\(slo:sli_error:ratio_rate(\w+)\{[^}]*\} > \(([\d.]+) \*[^)]*\)\) without \(sloth_window\)"
+    r"\s*and\s*"
+    r"max\(slo:sli_error:ratio_rate(\w+)\{[^}]*\} > \(([\d.]+) \*"
+)
+
+
+def slos(path: Path = SLO_RULES) -> list[Slo]:
+    """The SLOs of the generated rule file, in its order."""
+    groups = yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    found = []
+    for info in (rule for rule in rules if rule.get("record") == "sloth_slo_info"):
+        labels = info["labels"]
+        alerts = [
+            rule
+            for rule in rules
+            if "alert" in rule and f'sloth_id="{labels["sloth_id"]}"' in rule["expr"]
+        ]
+        conditions = []
+        for rule in alerts:
+            for short, factor, long, factor_again in _CONDITION.findall(rule["expr"]):
+                assert factor == factor_again, rule["expr"]
+                conditions.append((rule["labels"]["sloth_severity"], float(factor), long, short))
+        found.append(
+            Slo(
+                labels["sloth_id"],
+                labels["sloth_service"],
+                labels["sloth_slo"],
+                labels["sloth_objective"],
+                alerts[0]["alert"],
+                tuple(conditions),
+            )
+        )
+    return found
+
+
+def _of(record: str, slo: Slo) -> str:
+    return f'{record}{{sloth_id="{slo.id}"}}'
+
+
+def _burn_rate(slo: Slo, window: str) -> str:
+    """The error ratio over ``window`` in multiples of the error budget (1 = on budget)."""
+    return (
+        f"{_of(f'slo:sli_error:ratio_rate{window}', slo)} / on (sloth_id) group_left () "
+        f"{_of('slo:error_budget:ratio', slo)}"
+    )
+
+
+def _burn_panel(slo: Slo, severity: str) -> Panel:
+    conditions = [c for c in slo.conditions if c[0] == severity]
+    targets: list[Target] = []
+    for _, _, long, short in conditions:
+        targets += [Target(_burn_rate(slo, long), long), Target(_burn_rate(slo, short), short)]
+    for _, factor, long, short in conditions:
+        targets.append(
+            Target(f"vector({factor:g})", f"{severity} at {factor:g}x ({long} & {short})")
+        )
+    pairs = "; ".join(
+        f"{factor:g}x over both {long} and {short}" for _, factor, long, short in conditions
+    )
+    return panel(
+        f"Burn Rate: {severity.title()} Windows",
+        "short",
+        f"Burn rate of the error budget over the {severity} alert's windows: the error "
+        f"ratio in multiples of the budget (1 spends exactly the budget in 30 days). "
+        f"{slo.alert} {severity}s at {pairs}.",
+        *targets,
+        width=6,
+    )
+
+
+def _slo_row(slo: Slo) -> tuple[str, tuple[Panel, ...]]:
+    return (
+        f"{slo.name}: objective {slo.objective}% over 30 days",
+        (
+            panel(
+                "Error Budget Remaining",
+                "percentunit",
+                "Share of the 30-day error budget not yet spent: 1 minus the 30-day error "
+                "ratio (the mean of the 5-minute ratios) over the budget. Below zero the "
+                "objective is missed.",
+                Target(_of("slo:period_error_budget_remaining:ratio", slo), "remaining"),
+                width=6,
+                min=None,
+            ),
+            _burn_panel(slo, "page"),
+            _burn_panel(slo, "ticket"),
+            panel(
+                "SLI and Objective",
+                "percentunit",
+                "Share of good events over 5 minutes and 1 hour, against the objective.",
+                Target(f"1 - {_of('slo:sli_error:ratio_rate5m', slo)}", "SLI (5m)"),
+                Target(f"1 - {_of('slo:sli_error:ratio_rate1h', slo)}", "SLI (1h)"),
+                Target(_of("slo:objective:ratio", slo), "objective"),
+                width=6,
+                min=None,
+                max=1,
+            ),
+        ),
+    )
+
+
+def _slos() -> Dashboard:
+    found = slos()
+    every = f'sloth_service="{found[0].service}"'
+    summary = (
+        panel(
+            "Error Budget Remaining by SLO",
+            "percentunit",
+            "Share of each SLO's 30-day error budget not yet spent.",
+            Target(f"slo:period_error_budget_remaining:ratio{{{every}}}", "{{sloth_slo}}"),
+            width=12,
+            min=None,
+        ),
+        panel(
+            "Current Burn Rate by SLO",
+            "short",
+            "Error ratio over 5 minutes in multiples of each SLO's budget: 1 spends the "
+            "budget in exactly 30 days, 14.4 spends 2% of it in an hour.",
+            Target(f"slo:current_burn_rate:ratio{{{every}}}", "{{sloth_slo}}"),
+            width=12,
+        ),
+    )
+    return Dashboard(
+        SLO_FILE,
+        "sage-slos",
+        "SAGE SLOs",
+        "Service-level objectives (collector/prometheus/slos/sage.yaml, docs/slos.md): "
+        "error budget remaining, burn rates against the page and ticket thresholds of "
+        "their multi-window alerts, and each SLI against its objective. Summed over all "
+        "agents.",
+        (("All SLOs", summary), *(_slo_row(slo) for slo in found)),
+        per_agent=False,
+    )
+
+
+def metric_specs() -> tuple[Dashboard, ...]:
+    """The dashboards on SAGE metrics: any Prometheus holding them answers their queries."""
     return (
         _overview(),
         _sessions(),
@@ -872,6 +1041,10 @@ def specs() -> tuple[Dashboard, ...]:
         _messages(),
         _debugging(),
     )
+
+
+def specs() -> tuple[Dashboard, ...]:
+    return (*metric_specs(), _slos())
 
 
 def all_dashboards() -> dict[str, dict[str, Any]]:
@@ -905,15 +1078,22 @@ def substitute_defaults(expr: str) -> str:
 def panel_queries(
     dashboards: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[tuple[str, str, str]]:
-    """(dashboard file, panel title, runnable PromQL) for every target of every panel."""
+    """(dashboard file, panel title, runnable PromQL) for every target of every panel; by
+    default of the dashboards on SAGE metrics (:func:`slo_panel_queries` has the rest)."""
     if dashboards is None:
-        dashboards = all_dashboards()
+        dashboards = {spec.file: build(spec) for spec in metric_specs()}
     return [
         (file, item["title"], substitute_defaults(target["expr"]))
         for file, dashboard in sorted(dashboards.items())
         for item in iter_panels(dashboard)
         for target in item.get("targets", [])
     ]
+
+
+def slo_panel_queries() -> list[tuple[str, str, str]]:
+    """The SLO dashboard's queries: they read Sloth's recording rules, so they return data
+    where Prometheus evaluates ``alerts/sage-slos.yml`` on SAGE metrics."""
+    return panel_queries({SLO_FILE: build(_slos())})
 
 
 def write(directory: Path = DEFAULT_DIR) -> list[Path]:

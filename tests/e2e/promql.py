@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -48,6 +49,9 @@ def measured(expr: str) -> str:
     is the measurement, proving that its names, labels and functions match real series.
     """
     expr = " ".join(expr.split())
+    sloth = re.search(r"slo:sli_error:ratio_rate\w+\{[^}]*\}", expr)
+    if sloth:  # a Sloth burn-rate alert: what it measures is the recorded SLI
+        return sloth.group(0)
     positions = set(_top_level(expr))
     for operator in _SET_OPERATORS:
         index = next((i for i in sorted(positions) if expr.startswith(operator, i)), None)
