@@ -10,9 +10,7 @@ and labels that the catalog defines.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 
 from sage_otel.telemetry.catalog import BY_PROMETHEUS_NAME, OTHER, Instrument, Kind
+from tests.e2e import services as e2e_services
 from tools.queries import BY_QUERY_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,17 +230,11 @@ def test_reader_handles_the_constructs_used() -> None:
 # --- promtool ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    found = shutil.which("promtool") or (
-        "/usr/bin/promtool" if os.access("/usr/bin/promtool", os.X_OK) else None
-    )
-    if found is None:
-        message = "promtool not found (Debian: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+@pytest.fixture(scope="module", params=["promtool", "promtool-2"])
+def promtool(request: pytest.FixtureRequest) -> str:
+    """Prometheus 3's promtool (what the tests and the compose stack run) and Debian's 2.42
+    (the rules must stay loadable by a Prometheus 2 behind the remote-write overlay)."""
+    return e2e_services.binary(request.param)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -509,10 +509,98 @@ def _exemplars() -> list[str]:
     ]
 
 
+def _ingestion_paths() -> list[str]:
+    """What each way into Prometheus 3 carries: what tests/e2e/test_ingestion_paths.py proves."""
+    return [
+        "## Ingestion paths",
+        "",
+        "Prometheus 3 gets these metrics four ways. tests/e2e/test_ingestion_paths.py records "
+        "one agent's traffic once, reads it all four ways (the scrape in both text formats) "
+        "into a Prometheus 3.16 each, and compares what they answer.",
+        "",
+        *_table(
+            ("path", "how", "configured by"),
+            [
+                (
+                    "scrape",
+                    "Prometheus scrapes `/metrics` (OpenMetrics, or the text format)",
+                    "the `sage-agent` job of "
+                    "[prometheus.yml](../collector/prometheus/prometheus.yml)",
+                ),
+                (
+                    "collector, OTLP (the default)",
+                    "agent OTLP → collector → `otlp_http/prometheus` → Prometheus' OTLP "
+                    "receiver, `/api/v1/otlp/v1/metrics` (`--web.enable-otlp-receiver`)",
+                    "[otel-collector.yaml](../collector/otel-collector.yaml); the `otlp:` "
+                    "section of prometheus.yml",
+                ),
+                (
+                    "collector, remote write",
+                    "agent OTLP → collector → `prometheus_remote_write` → `/api/v1/write` "
+                    "(`--web.enable-remote-write-receiver`): for Prometheus 2 before 2.47, "
+                    "Thanos, Mimir",
+                    "otel-collector.yaml plus the overlay "
+                    "[otel-collector.remote-write.yaml](../collector/otel-collector.remote-write.yaml)",
+                ),
+                (
+                    "agent, OTLP",
+                    "the agent's own OTLP metric exporter straight at Prometheus: "
+                    "`OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=http://prometheus:9090/api/v1/otlp/v1/metrics`",
+                    "the `otlp:` section of prometheus.yml",
+                ),
+            ],
+        ),
+        "",
+        "The same on every path: the series names (Prometheus' `translation_strategy: "
+        "UnderscoreEscapingWithSuffixes`, and the same for the remote-write exporter), each "
+        "series' own labels and no others (no `otel_scope_*`: the overlay sets "
+        "`disable_scope_info`), and the values: every counter, gauge and histogram series "
+        "exactly once the traffic stops, and every plan, dashboard, alert and SLO "
+        "expression within the few percent by which the paths' sampling instants move "
+        "`rate()`'s extrapolation (measured: at most 2%, 7% for the SLO rules' 30-day "
+        "averages of their recorded 5-minute ratios).",
+        "",
+        "What differs, by design:",
+        "",
+        "* **`job` and `instance`** name the source. Scraped: the scrape job and `host:port`. "
+        "Pushed (OTLP or remote write): `job` is `service.name` (`service.namespace/"
+        "service.name` when a namespace is set) and `instance` is `service.instance.id`. "
+        "With the default `service.name`, `sage-agent`, `job` is the same as the shipped "
+        "scrape job's.",
+        "* **`deployment.environment`** (and `deployment.environment.name`) is a label, "
+        "`deployment_environment`, on every pushed series (prometheus.yml's "
+        "`promote_resource_attributes`, the overlay's `resource_constant_labels`). Scraped, it "
+        "is on `target_info` only.",
+        "* **`target_info`**: scraped, it has every resource attribute; pushed, every one but "
+        "`service.name`, `service.namespace` and `service.instance.id`, which are its `job` "
+        "and `instance`.",
+        "* **`le`** is written as OpenMetrics writes numbers when scraped (`1.0`, `1e-06`) and "
+        "as the shortest decimal when pushed (`1`, `0.000001`). The buckets are the same; "
+        "`histogram_quantile` and every shipped query read `le` as a number, and a query of "
+        'your own must too (never `le="1.0"`).',
+        "* **Exemplars** (`trace_id`, `span_id`, with `--enable-feature=exemplar-storage`) "
+        "arrive by OpenMetrics, OTLP and remote write. The Prometheus text format has no "
+        "syntax for them: a scrape limited to it (`scrape_protocols`) stores none.",
+        "* **`up`** (and `scrape_*`) exist for scraped targets only: `SageAgentDown` watches "
+        "scraped agents. A pushed series has no staleness marker: an agent that stops "
+        "pushing leaves its last values current for 5 minutes (the query lookback), and "
+        "`SageMetricsMissing` fires when no SAGE series is left at all.",
+        "* The process and runtime metrics above are on `/metrics` only.",
+        "",
+    ]
+
+
 def render_metrics_markdown() -> str:
     """The whole of docs/metrics.md."""
     _check()
-    lines = [*_intro(), *_sections(), *_recorded_at(), *_other_series(), *_exemplars()]
+    lines = [
+        *_intro(),
+        *_sections(),
+        *_recorded_at(),
+        *_other_series(),
+        *_exemplars(),
+        *_ingestion_paths(),
+    ]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -29,6 +29,9 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 COLLECTOR_CONFIG = REPO / "collector" / "otel-collector.yaml"
+# The overlay that switches the collector's metrics from OTLP to remote write.
+REMOTE_WRITE_OVERLAY = REPO / "collector" / "otel-collector.remote-write.yaml"
+PROMETHEUS_CONFIG = REPO / "collector" / "prometheus" / "prometheus.yml"
 JAEGER_CONFIG = REPO / "tests" / "e2e" / "jaeger-test.yaml"
 LOOPBACK = "127.0.0.1"
 
@@ -250,6 +253,11 @@ class Prometheus:
     def remote_write_url(self) -> str:
         return self.url + "/api/v1/write"
 
+    @property
+    def otlp_url(self) -> str:
+        """The OTLP receiver's base: a PROMETHEUS_OTLP_ENDPOINT (exporters add /v1/metrics)."""
+        return self.url + "/api/v1/otlp"
+
     def api(self, path: str, **params: Any) -> Any:
         """``/api/v1/<path>``'s ``data``; a PrometheusError carries Prometheus' own message."""
         try:
@@ -297,6 +305,15 @@ class Prometheus:
         return wait_for(lambda: self.query(promql), timeout=timeout, what=f"data for {promql!r}")
 
 
+def shipped_otlp_settings() -> dict[str, Any]:
+    """The ``otlp:`` and ``storage:`` sections of collector/prometheus/prometheus.yml: a test's
+    Prometheus translates OTLP exactly as the shipped one does."""
+    import yaml  # a test and tooling dependency only
+
+    shipped = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    return {key: shipped[key] for key in ("otlp", "storage") if key in shipped}
+
+
 def _scrape_configs(
     targets: Mapping[str, Sequence[str] | Mapping[str, Any]] | Sequence[str],
 ) -> list[dict[str, Any]]:
@@ -323,12 +340,15 @@ def prometheus(
     extra_args: Sequence[str] = (),
     extra_config: Mapping[str, Any] | None = None,
     executable: str | None = None,
+    otlp: bool = False,
 ) -> Iterator[Prometheus]:
     """A Prometheus on a free loopback port, its config and data under ``tmp_path``.
 
     ``scrape_targets`` is a list of ``host:port`` (job ``sage``) or a mapping from job name
     to such a list, or to a scrape config of its own (``static_configs``, ``metrics_path``…).
-    Exemplar storage is always on; the remote-write receiver unless ``remote_write=False``.
+    Exemplar storage is always on; the remote-write receiver unless ``remote_write=False``;
+    with ``otlp`` the OTLP receiver (``Prometheus.otlp_url``, Prometheus 3), with the
+    ``otlp:`` and out-of-order settings of the shipped prometheus.yml.
     """
     executable = executable or binary("prometheus")
     root = tmp_path / "prometheus"
@@ -341,6 +361,7 @@ def prometheus(
         },
         "rule_files": [str(Path(path).resolve()) for path in rule_files],
         "scrape_configs": _scrape_configs(scrape_targets),
+        **(shipped_otlp_settings() if otlp else {}),
         **dict(extra_config or {}),
     }
     config_path = root / "prometheus.yml"
@@ -354,6 +375,7 @@ def prometheus(
         "--enable-feature=exemplar-storage",
         "--log.level=info",
         *(["--web.enable-remote-write-receiver"] if remote_write else []),
+        *(["--web.enable-otlp-receiver"] if otlp else []),
         *extra_args,
     ]
     log_path = root / "prometheus.log"
@@ -413,6 +435,7 @@ def collector_env(**overrides: str) -> dict[str, str]:
         "COLLECTOR_METRICS_HOST": LOOPBACK,
         "COLLECTOR_METRICS_PORT": str(free_port()),
         "TEMPO_ENDPOINT": loopback(),
+        "PROMETHEUS_OTLP_ENDPOINT": f"http://{loopback()}/api/v1/otlp",
         "PROMETHEUS_REMOTE_WRITE_URL": f"http://{loopback()}/api/v1/write",
         "DEPLOYMENT_ENVIRONMENT": "e2e",
     }
@@ -422,21 +445,25 @@ def collector_env(**overrides: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def collector(
-    config_path: Path = COLLECTOR_CONFIG,
+    config_path: Path | Sequence[Path] = COLLECTOR_CONFIG,
     env: Mapping[str, str] | None = None,
     *,
     log_dir: Path | None = None,
     ready_timeout: float = 60,
+    name: str = "collector",
 ) -> Iterator[Collector]:
     """The sage-otelcol binary running ``config_path``, ready once its health check says so.
 
-    ``env`` overrides the loopback defaults of ``collector_env()``.
+    Several paths are merged in order, as several ``--config`` flags are (an overlay such
+    as ``REMOTE_WRITE_OVERLAY`` after the base file). ``env`` overrides the loopback
+    defaults of ``collector_env()``; ``name`` names the log (``<name>.log``).
     """
     executable = binary("sage-otelcol")
     settings = collector_env(**dict(env or {}))
+    paths = [config_path] if isinstance(config_path, (str, Path)) else list(config_path)
     with _log_dir(log_dir) as directory:
-        log_path = directory / "collector.log"
-        args = [executable, f"--config={config_path}"]
+        log_path = directory / f"{name}.log"
+        args = [executable, *(f"--config={path}" for path in paths)]
         with _running(args, log_path=log_path, env={**os.environ, **settings}) as process:
             running = Collector(settings, log_path, process)
             _wait_ready(
@@ -526,3 +553,58 @@ def jaeger(
                 timeout=ready_timeout,
             )
             yield running
+
+
+# ----------------------------------------------------------------------------- Alertmanager
+
+
+@dataclass
+class Alertmanager:
+    url: str
+    """``http://127.0.0.1:<port>``: the API and UI (Prometheus' ``alerting`` target)."""
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] = field(repr=False)
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<port>``, as a Prometheus ``alertmanagers`` static target."""
+        return self.url.removeprefix("http://")
+
+    def alerts(self, **params: Any) -> list[dict[str, Any]]:
+        """``/api/v2/alerts``: each alert with ``labels`` and ``status`` (``state``:
+        active or suppressed, ``inhibitedBy``: the inhibiting alerts' fingerprints)."""
+        return get_json(self.url + "/api/v2/alerts", params)
+
+
+@contextlib.contextmanager
+def alertmanager(
+    tmp_path: Path, config: str, *, executable: str | None = None
+) -> Iterator[Alertmanager]:
+    """An Alertmanager running ``config`` (the YAML text) on a free loopback port, alone:
+    clustering off, so it binds nothing else, and its data under ``tmp_path``."""
+    executable = executable or binary("alertmanager")
+    root = tmp_path / "alertmanager"
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = root / "alertmanager.yml"
+    config_path.write_text(config)
+    address = loopback()
+    url = f"http://{address}"
+    args = [
+        executable,
+        f"--config.file={config_path}",
+        f"--storage.path={root / 'data'}",
+        f"--web.listen-address={address}",
+        f"--web.external-url={url}",
+        "--cluster.listen-address=",
+        "--log.level=info",
+    ]
+    log_path = root / "alertmanager.log"
+    with _running(args, log_path=log_path) as process:
+        _wait_ready(
+            process,
+            lambda: bool(http_get(url + "/-/ready", timeout=2)),
+            what="alertmanager",
+            log_path=log_path,
+        )
+        yield Alertmanager(url, config_path, log_path, process)

@@ -23,6 +23,8 @@ from tools.services import (  # noqa: F401  (the helpers the e2e tests use throu
     COLLECTOR_CONFIG,
     JAEGER_CONFIG,
     LOOPBACK,
+    PROMETHEUS_CONFIG,
+    REMOTE_WRITE_OVERLAY,
     REPO,
     SCRIPTS,
     Collector,

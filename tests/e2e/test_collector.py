@@ -1,6 +1,7 @@
 """The collector distribution end to end: sage-otel demo -> OTLP -> sage-otelcol running
-collector/otel-collector.yaml -> Prometheus (remote write) and Jaeger v2 (standing in for
-Tempo, over the same OTLP gRPC exporter), and from a Prometheus exemplar back to its trace.
+collector/otel-collector.yaml -> Prometheus 3 (its OTLP receiver) and Jaeger v2 (standing in
+for Tempo, over the same OTLP gRPC exporter), and from a Prometheus exemplar back to its
+trace. The remote-write overlay is compared with this path in test_ingestion_paths.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sage_otel.telemetry.catalog import INSTRUMENTS, Kind
 
 from . import services
 from .promql import alert_rules, measured
-from .services import COLLECTOR_CONFIG, Collector, Jaeger, Prometheus
+from .services import COLLECTOR_CONFIG, REMOTE_WRITE_OVERLAY, Collector, Jaeger, Prometheus
 
 pytestmark = pytest.mark.e2e
 
@@ -44,10 +45,15 @@ def expected_names() -> set[str]:
     return names
 
 
-def test_validate() -> None:
+@pytest.mark.parametrize(
+    "configs",
+    [[COLLECTOR_CONFIG], [COLLECTOR_CONFIG, REMOTE_WRITE_OVERLAY]],
+    ids=["otlp", "remote-write-overlay"],
+)
+def test_validate(configs: list[Path]) -> None:
     collector = services.binary("sage-otelcol")
     result = subprocess.run(
-        [collector, "validate", f"--config={COLLECTOR_CONFIG}"],
+        [collector, "validate", *(f"--config={path}" for path in configs)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -94,8 +100,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with services.jaeger(tmp) as jaeger:
         env = services.collector_env(TEMPO_ENDPOINT=jaeger.otlp_grpc)
         collector_metrics = f"{env['COLLECTOR_METRICS_HOST']}:{env['COLLECTOR_METRICS_PORT']}"
-        with services.prometheus(tmp, {"otel-collector": [collector_metrics]}) as prometheus:
-            env["PROMETHEUS_REMOTE_WRITE_URL"] = prometheus.remote_write_url
+        with services.prometheus(
+            tmp, {"otel-collector": [collector_metrics]}, remote_write=False, otlp=True
+        ) as prometheus:
+            env["PROMETHEUS_OTLP_ENDPOINT"] = prometheus.otlp_url
             with services.collector(COLLECTOR_CONFIG, env, log_dir=tmp) as collector:
                 started = time.time()
                 summary = run_demo(collector, tmp)
@@ -145,15 +153,16 @@ def test_metrics_arrive_in_prometheus_through_the_collector(stack: Stack) -> Non
         what="every catalog metric",
     )
     missing = expected_names() - prometheus.metric_names()
-    assert not missing, f"catalog names that did not arrive by remote write: {sorted(missing)}"
+    assert not missing, f"catalog names that did not arrive over OTLP: {sorted(missing)}"
 
-    # Every series written by the collector carries the demo's job and the resource
-    # processor's deployment label; the SDK's telemetry.sdk.* stay on target_info.
+    # Every series pushed by the collector carries the demo's job and the resource
+    # processor's deployment label (prometheus.yml's otlp.promote_resource_attributes); the
+    # SDK's telemetry.sdk.* stay on target_info, and no otel_scope_* label is added.
     for sample in prometheus.query('{__name__=~"sage_.+"}'):
         labels = sample["metric"]
         assert labels.get("job") == DEMO_SERVICE, labels
         assert labels.get("deployment_environment") == "e2e", labels
-        assert not [key for key in labels if key.startswith("telemetry_sdk")], labels
+        assert not [key for key in labels if key.startswith(("telemetry_", "otel_scope"))], labels
     target_info = prometheus.query(f'target_info{{job="{DEMO_SERVICE}"}}')
     assert target_info and target_info[0]["metric"].get("telemetry_sdk_language") == "python"
 
@@ -214,7 +223,7 @@ def test_collector_reports_its_own_telemetry(stack: Stack) -> None:
     prometheus = stack.prometheus
     prometheus.wait_for('up{job="otel-collector"} == 1')
     sent = prometheus.wait_for(
-        'sum(otelcol_exporter_sent_metric_points{exporter="prometheus_remote_write"}) > 0'
+        'sum(otelcol_exporter_sent_metric_points{exporter="otlp_http/prometheus"}) > 0'
     )
     assert float(sent[0]["value"][1]) > 0
     prometheus.wait_for('sum(otelcol_exporter_sent_spans{exporter="otlp_grpc/tempo"}) > 0')
@@ -241,8 +250,10 @@ def test_export_failures_alert_measures_a_failing_exporter(tmp_path: Path) -> No
     env = services.collector_env(TEMPO_ENDPOINT=dead_backend)
     collector_metrics = f"{env['COLLECTOR_METRICS_HOST']}:{env['COLLECTOR_METRICS_PORT']}"
     expr = dict(alert_rules())["TelemetryExportFailures"]
-    with services.prometheus(tmp_path, {"otel-collector": [collector_metrics]}) as prometheus:
-        env["PROMETHEUS_REMOTE_WRITE_URL"] = prometheus.remote_write_url
+    with services.prometheus(
+        tmp_path, {"otel-collector": [collector_metrics]}, remote_write=False, otlp=True
+    ) as prometheus:
+        env["PROMETHEUS_OTLP_ENDPOINT"] = prometheus.otlp_url
         with services.collector(failing_config, env, log_dir=tmp_path) as collector:
 
             def failing_now() -> list[dict]:

@@ -2,7 +2,8 @@
 
 The monitoring plan's queries (§4.2, as corrected in tools.queries), every
 dashboard panel's query and every alert's expression parse and return data from a real
-scrape, and Prometheus stores the exemplars /metrics offers in OpenMetrics.
+scrape by Prometheus 3, and it stores the exemplars /metrics offers in OpenMetrics.
+Debian's Prometheus 2.42 scrapes the same /metrics into the same series, exemplars too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.e2e
 class Scrape:
     prometheus: Prometheus
     started: float
+    target: str
+    """``host:port`` of the demo's /metrics."""
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +60,7 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
                 'sum(rate(sage_messages_processed_total{status="success"}[1m])) > 0', timeout=60
             )
             prometheus.wait_for("sum(rate(sage_handshake_duration_seconds_count[1m])) > 0")
-            yield Scrape(prometheus, started)
+            yield Scrape(prometheus, started, targets["sage-agent"][0])
     finally:
         demo.terminate()
         try:
@@ -91,7 +94,9 @@ AGENT_ALERTS = [(name, expr) for name, expr in alert_rules() if name not in COLL
 @pytest.mark.parametrize("name, expr", AGENT_ALERTS, ids=[name for name, _ in AGENT_ALERTS])
 def test_every_alert_expression_parses_and_measures(scrape: Scrape, name: str, expr: str) -> None:
     scrape.prometheus.query(expr)  # the whole expression parses and evaluates
-    _returns_data(scrape.prometheus, measured(expr))
+    # A measurement on a recorded series (the SLO rules) has data from the rule's first
+    # evaluation on.
+    scrape.prometheus.wait_for(measured(expr), timeout=20)
 
 
 def test_prometheus_loaded_every_alert_and_the_target_is_up(scrape: Scrape) -> None:
@@ -102,9 +107,16 @@ def test_prometheus_loaded_every_alert_and_the_target_is_up(scrape: Scrape) -> N
 
 
 # What the demo's deliberate failure traffic explains: replayed messages, corrupted
-# ciphertexts re-signed by a peer holding the keys (decrypt failures), and handshakes from
-# an unregistered and a deactivated DID (the server fails to resolve them).
-INJECTED = {"ReplayAttacksDetected", "NonceInvalidRatio", "CryptoErrors", "DIDResolutionFailures"}
+# ciphertexts re-signed by a peer holding the keys (decrypt failures), handshakes from
+# an unregistered and a deactivated DID (the server fails to resolve them), and, as one
+# message in seven is refused, the message-availability SLO's budget burn.
+INJECTED = {
+    "ReplayAttacksDetected",
+    "NonceInvalidRatio",
+    "CryptoErrors",
+    "DIDResolutionFailures",
+    "SageMessageAvailabilityBudgetBurn",
+}
 
 
 def test_alerts_follow_the_demos_injected_failures(scrape: Scrape) -> None:
@@ -147,3 +159,38 @@ def test_exemplars_are_stored_with_trace_ids(scrape: Scrape, series: str) -> Non
         labels = exemplar["labels"]
         assert len(labels["trace_id"]) == 32 and int(labels["trace_id"], 16)
         assert len(labels["span_id"]) == 16 and int(labels["span_id"], 16)
+
+
+def _series(prometheus: Prometheus) -> set[tuple[tuple[str, str], ...]]:
+    """The SAGE series now, le written one way (Prometheus 3 rewrites it as OpenMetrics)."""
+
+    def le(value: str) -> str:
+        return repr(float(value))
+
+    return {
+        tuple(sorted((k, le(v) if k == "le" else v) for k, v in sample["metric"].items()))
+        for sample in prometheus.query('{__name__=~"sage_.+"}')
+    }
+
+
+def test_debian_prometheus_2_scrapes_the_same_series(scrape: Scrape, tmp_path) -> None:
+    """Debian's 2.42 (kept for the remote-write overlay's users on Prometheus 2) scraping the
+    same /metrics: the same series and label sets as Prometheus 3, and exemplars."""
+    older = services.binary("prometheus-2")
+    targets = {"sage-agent": [scrape.target]}
+    with services.prometheus(tmp_path, targets, remote_write=False, executable=older) as prometheus:
+        version = prometheus.api("status/buildinfo")["version"]
+        assert version.startswith("2."), version
+        # Equal at one moment: the demo keeps adding label combinations as it runs.
+        services.wait_for(
+            lambda: _series(prometheus) == _series(scrape.prometheus),
+            timeout=30,
+            what="the same series in Prometheus 2 and 3",
+        )
+        exemplars = services.wait_for(
+            lambda: prometheus.query_exemplars(
+                "sage_message_processing_duration_seconds_bucket", scrape.started, time.time()
+            ),
+            what="exemplars in Prometheus 2",
+        )
+        assert exemplars[0]["exemplars"][0]["labels"]["trace_id"]
