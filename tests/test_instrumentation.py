@@ -35,7 +35,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased,
 from opentelemetry.trace import SpanKind, StatusCode
 
 from sage_otel import instrumentation
-from sage_otel.agent import did, identity, message, session, transport
+from sage_otel.agent import did, errors, identity, message, session, transport
 from sage_otel.agent.did import (
     DIDDocument,
     DIDResolver,
@@ -1405,3 +1405,72 @@ async def test_refusals_at_the_http_edge_are_counted_too(
         writer.close()
         assert answer.split(b" ", 2)[1] in (b"400", b"431")
     assert tel.snapshot().value("requests_refused", category="invalid") == 2
+
+
+# --- what the SLOs count ---------------------------------------------------------------------
+
+
+async def test_server_requests_say_whose_outcome_it_is(
+    tel: Captured, start_server: StartServer, make_client: MakeClient
+) -> None:
+    """Served, refused (the request's doing: a replay, over its own peer's rate) or failed
+    (the server's capacity): only ``failed`` counts against the SLOs, so no peer can burn
+    them by misbehaving."""
+    server, url = await start_server(handshake_rate="1/minute")
+    client = await make_client()
+    conn = await client.connect(url, str(server.identity.did))
+    envelope = client.message_envelope(conn, "once")
+    assert await send_envelope(client, conn, envelope) == "once"
+    with pytest.raises(PeerError):
+        await send_envelope(client, conn, envelope)  # replayed: the request's own doing
+    with pytest.raises(PeerError) as limited:
+        await client.connect(url, str(server.identity.did))  # over this peer's own rate
+    assert limited.value.http_status == 429
+    snap = tel.snapshot()
+    assert snap.value("server_requests", operation="handshake", outcome="served") == 1
+    assert snap.value("server_requests", operation="handshake", outcome="refused") == 1
+    assert snap.value("server_requests", operation="message", outcome="served") == 1
+    assert snap.value("server_requests", operation="message", outcome="refused") == 1
+    assert snap.total("server_requests") == 4  # nothing failed
+
+
+async def test_a_full_session_table_is_the_servers_failure(
+    tel: Captured, start_server: StartServer, make_client: MakeClient, new_agent: NewAgent
+) -> None:
+    server, url, client = await pair(
+        start_server, make_client, new_agent, sessions=SessionManager(max_sessions=0)
+    )
+    with pytest.raises(PeerError):
+        await connect(server, url, client)
+    snap = tel.snapshot()
+    assert snap.value("server_requests", operation="handshake", outcome="failed") == 1
+    assert snap.total("server_requests") == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "servers"),
+    [
+        (errors.OverloadError("full"), True),
+        (errors.RateLimitedError("x", code="global_handshake_rate"), True),
+        (errors.RateLimitedError("x", code="session_capacity"), True),
+        (errors.RateLimitedError("x", code="push_backlog"), True),
+        (errors.RateLimitedError("x", code="rate_limited"), False),
+        (errors.RateLimitedError("x", code="peer_session_limit"), False),
+        (errors.RateLimitedError("x", code="inbox_full"), False),
+        (errors.InternalError("defect"), True),
+        (errors.HandshakeTimeoutError("slow resolver"), True),
+        (errors.NetworkError("push failed"), True),
+        (errors.RequestTimeoutError("a slow client"), False),
+        (RuntimeError("a defect"), True),
+        (errors.InvalidMessageError("bad"), False),
+        (errors.SignatureError("forged"), False),
+        (errors.ReplayError("again"), False),
+        (errors.SessionExpiredError("old"), False),
+        (errors.UnknownDIDError("who"), False),
+        (errors.CryptoError("tampered"), False),
+    ],
+)
+def test_server_fault_blames_the_server_only_for_its_own_failures(
+    error: BaseException, servers: bool
+) -> None:
+    assert errors.server_fault(error) is servers

@@ -57,17 +57,26 @@ SECTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ),
     (
         "Requests",
-        ("sage.requests.",),
+        ("sage.requests.", "sage.server."),
         "What a server agent refused, whatever the operation: malformed input, failed checks, "
         "and the limits that keep one peer from taking what others need (handshake rate and "
         "session share per sender DID, the session table, the per-session inbox), which "
-        "answer 429 or 503 with `Retry-After` and count as `overload`.",
+        "answer 429 or 503 with `Retry-After` and count as `overload`; and every SAGE request "
+        "it finished, by whose the outcome is (what the SLOs count).",
     ),
 )
 
 # Where each instrument is recorded: catalog key -> the code path, as the instrumentation
 # patches it (src/sage_otel/instrumentation.py). Must name exactly the catalog's keys.
 RECORDED_AT: dict[str, str] = {
+    "server_requests": (
+        "`ServerAgent.dispatch`: every SAGE request the server finishes (handshake, message, "
+        "close), `served` when it returns, else `failed` when `errors.server_fault` says the "
+        "server caused it (its capacity: the global handshake rate, a full session table or "
+        "push backlog; an internal error; a timeout or network error of its own), else "
+        "`refused`. Requests refused before dispatch (bad HTTP, bad JSON) are not counted. "
+        "The SLOs' availability SLIs count it (docs/slos.md)."
+    ),
     "requests_refused": (
         "`ServerAgent.refuse`: every typed refusal the server answers (parse errors, failed "
         "checks, limits, unknown paths and methods, and an unexpected failure as "

@@ -70,7 +70,14 @@ from .agent import (
     server_agent,
     session,
 )
-from .agent.errors import CryptoError, PeerError, SageError, SignatureError, category_of
+from .agent.errors import (
+    CryptoError,
+    PeerError,
+    SageError,
+    SignatureError,
+    category_of,
+    server_fault,
+)
 from .agent.identity import CHAIN_ALIASES, DID
 from .telemetry.catalog import (
     ALGORITHMS,
@@ -78,6 +85,7 @@ from .telemetry.catalog import (
     HANDSHAKE_ERROR_TYPES,
     OTHER,
     REFUSAL_CATEGORIES,
+    SERVER_OPERATIONS,
 )
 from .telemetry.meters import Meters
 
@@ -756,6 +764,12 @@ _SERVER_SPANS = {
 }
 
 
+_SERVER_OPERATION = {
+    handshake.TASK: "handshake",
+    envelope.MESSAGE_TASK: "message",
+    envelope.CLOSE_TASK: "close",
+}
+
 _TRACEPARENT = TraceContextTextMapPropagator()
 _NO_PARENT = context.Context()  # a root span, whatever context the server task runs in
 
@@ -794,7 +808,37 @@ def _wrap_dispatch(kit: _Kit):
             attributes["sage.session.id"] = envelope.context_id[:64]
         return _SERVER_SPANS.get(envelope.task_id, "sage.receive"), attributes, parent, links
 
-    return _span_around(kit, SpanKind.SERVER, describe)
+    spanned = _span_around(kit, SpanKind.SERVER, describe)
+    finished = {
+        (operation, outcome): kit.meters.counter(
+            "server_requests", operation=operation, outcome=outcome
+        )
+        for operation in SERVER_OPERATIONS
+        for outcome in ("served", "refused", "failed")
+    }
+
+    def record(task_id: str, error: BaseException | None) -> None:
+        operation = _SERVER_OPERATION.get(task_id, OTHER)
+        outcome = "served" if error is None else "failed" if server_fault(error) else "refused"
+        finished[operation, outcome].add(1, _exemplar(kit.current_span()))
+
+    async def wrapper(wrapped, instance, args, kwargs):
+        if not _enabled():
+            return await wrapped(*args, **kwargs)
+        task_id = getattr(args[0] if args else kwargs.get("envelope"), "task_id", "")
+
+        async def counted(*args, **kwargs):
+            try:
+                result = await wrapped(*args, **kwargs)
+            except Exception as exc:  # cancellation (the caller left) is no outcome
+                _safely(record, task_id, exc)
+                raise
+            _safely(record, task_id, None)
+            return result
+
+        return await spanned(counted, instance, args, kwargs)
+
+    return wrapper
 
 
 def _wrap_refuse(kit: _Kit):

@@ -98,6 +98,9 @@ HANDSHAKE_ERROR_TYPES = (
 # Categories of the typed errors a server answers: exactly the agent's own closed set.
 REFUSAL_CATEGORIES = tuple(category.value for category in ErrorCategory)
 
+# What a server agent is asked to do (its task ids), "other" for an unknown task.
+SERVER_OPERATIONS = ("handshake", "message", "close", OTHER)
+
 SESSION_DURATION_BUCKETS = exponential(0.0001, 2, 15)  # 0.1 ms .. 1.6 s
 HANDSHAKE_BUCKETS = exponential(0.001, 2, 12)  # 1 ms .. 2 s
 MESSAGE_SIZE_BUCKETS = exponential(64, 4, 10)  # 64 B .. 16 MiB
@@ -290,6 +293,20 @@ INSTRUMENTS: tuple[Instrument, ...] = (
         "{request}",
         "Requests a server agent refused with a typed error, by category (limits: overload).",
         (Label("category", REFUSAL_CATEGORIES),),
+    ),
+    Instrument(
+        "server_requests",
+        "sage.server.requests",
+        Kind.COUNTER,
+        "{request}",
+        "SAGE requests a server agent finished, by operation and outcome: served, refused"
+        " (the request's own doing: malformed, unauthenticated, unknown, replayed, expired, over"
+        " its peer's limits) or failed (the server's: its capacity, an internal error, a"
+        " timeout). What the SLOs count: a peer cannot make the server look broken.",
+        (
+            Label("operation", SERVER_OPERATIONS),
+            Label("outcome", ("served", "refused", "failed")),
+        ),
     ),
 )
 
