@@ -90,7 +90,8 @@ PLAN: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sage_message_size_bytes": ("histogram", {}),
 }
 
-# Beyond the plan: what the server refused, by the closed set of error categories.
+# Beyond the plan: what the server refused, by the closed set of error categories, and
+# what it finished, by outcome.
 EXTRAS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sage_requests_refused_total": (
         "counter",
@@ -107,6 +108,14 @@ EXTRAS: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
                 "network",
                 "internal",
             )
+        },
+    ),
+    # Every SAGE request a server finished, by whose outcome it is: what the SLOs count.
+    "sage_server_requests_total": (
+        "counter",
+        {
+            "operation": ("handshake", "message", "close"),
+            "outcome": ("served", "refused", "failed"),
         },
     ),
 }
@@ -146,7 +155,7 @@ def test_plan_names_are_exactly_the_catalog() -> None:
     """Every §2.1 name, and only the listed extras beside them."""
     assert len(PLAN) == 21
     assert sorted(CATALOG) == sorted(EXPOSED)
-    assert len(INSTRUMENTS) == 22
+    assert len(INSTRUMENTS) == len(PLAN) + len(EXTRAS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPOSED))

@@ -777,7 +777,20 @@ def _messages() -> Dashboard:
                         "Requests the server refused per second, by error category; "
                         "`overload` is a limit (rate, session share, table, inbox).",
                         Target(rate_by("requests_refused", "category"), "{{category}}"),
-                        width=24,
+                        width=12,
+                        stack=True,
+                    ),
+                    panel(
+                        "Server Requests by Outcome",
+                        "ops",
+                        "SAGE requests the server finished per second: served, refused (the "
+                        "request's own doing) or failed (the server's: what the SLOs count "
+                        "against their objectives).",
+                        Target(
+                            rate_by("server_requests", "operation, outcome"),
+                            "{{operation}} {{outcome}}",
+                        ),
+                        width=12,
                         stack=True,
                     ),
                 ),

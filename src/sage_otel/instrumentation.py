@@ -813,7 +813,7 @@ def _wrap_dispatch(kit: _Kit):
         (operation, outcome): kit.meters.counter(
             "server_requests", operation=operation, outcome=outcome
         )
-        for operation in SERVER_OPERATIONS
+        for operation in (*SERVER_OPERATIONS, OTHER)
         for outcome in ("served", "refused", "failed")
     }
 

@@ -98,8 +98,8 @@ HANDSHAKE_ERROR_TYPES = (
 # Categories of the typed errors a server answers: exactly the agent's own closed set.
 REFUSAL_CATEGORIES = tuple(category.value for category in ErrorCategory)
 
-# What a server agent is asked to do (its task ids), "other" for an unknown task.
-SERVER_OPERATIONS = ("handshake", "message", "close", OTHER)
+# What a server agent is asked to do (its task ids; an unknown task counts as "other").
+SERVER_OPERATIONS = ("handshake", "message", "close")
 
 SESSION_DURATION_BUCKETS = exponential(0.0001, 2, 15)  # 0.1 ms .. 1.6 s
 HANDSHAKE_BUCKETS = exponential(0.001, 2, 12)  # 1 ms .. 2 s
