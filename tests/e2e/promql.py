@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -21,6 +22,20 @@ def alert_rules() -> list[tuple[str, str]]:
         for group in yaml.safe_load(path.read_text())["groups"]:
             rules.extend((r["alert"], r["expr"].strip()) for r in group["rules"] if "alert" in r)
     return rules
+
+
+@functools.cache
+def _recorded() -> dict[tuple[str, str], str]:
+    """(record name, sloth_id) -> the recording rule's own expression, over raw series: it
+    measures the same where the rules are not loaded (Thanos query, a bare Prometheus)."""
+    recorded = {}
+    for path in sorted(ALERTS.glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if "record" in rule and "sloth_id" in rule.get("labels", {}):
+                    key = (rule["record"], rule["labels"]["sloth_id"])
+                    recorded[key] = " ".join(rule["expr"].split())
+    return recorded
 
 
 def _top_level(expr: str) -> list[int]:
@@ -49,9 +64,9 @@ def measured(expr: str) -> str:
     is the measurement, proving that its names, labels and functions match real series.
     """
     expr = " ".join(expr.split())
-    sloth = re.search(r"slo:sli_error:ratio_rate\w+\{[^}]*\}", expr)
-    if sloth:  # a Sloth burn-rate alert: what it measures is the recorded SLI
-        return sloth.group(0)
+    sloth = re.search(r"(slo:sli_error:ratio_rate\w+)\{[^}]*sloth_id=\"([^\"]+)\"", expr)
+    if sloth:  # a Sloth burn-rate alert: what it measures is its SLI's ratio, as recorded
+        return _recorded()[sloth.group(1), sloth.group(2)]
     positions = set(_top_level(expr))
     for operator in _SET_OPERATORS:
         index = next((i for i in sorted(positions) if expr.startswith(operator, i)), None)
