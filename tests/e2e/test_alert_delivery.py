@@ -1,12 +1,14 @@
 """Alerts delivered end to end: SAGE agents, Prometheus, Alertmanager, a receiver.
 
 Two server agents (`sage-otel serve`) take the demo's failure traffic (replays, tampered,
-corrupt, truncated and stale messages, rogue handshakes); Prometheus scrapes them with the
-shipped rule files and sends alerts to a real Alertmanager running the shipped
-alertmanager.yml, whose one receiver is pointed at a webhook on loopback that this test runs.
-The notifications are checked as a receiver sees them: labels, summary and runbook link,
-grouping, the route taken (and its timing), inhibition (a down agent's alerts, an SLO's ticket
-while its page fires), and resolution once the traffic stops.
+corrupt, truncated and stale messages, rogue handshakes); a third, started with a small global
+handshake rate (SAGE_OTEL_HANDSHAKE_RATE), is offered more handshakes by registered peers than
+it takes. Prometheus scrapes them with the shipped rule files and sends alerts to a real
+Alertmanager running the shipped alertmanager.yml, whose one receiver is pointed at a webhook
+on loopback that this test runs. The notifications are checked as a receiver sees them:
+labels, summary and runbook link, grouping, the route taken (and its timing), inhibition (a
+down agent's alerts, an SLO's ticket while its page fires), and resolution once the traffic
+stops.
 
 What the test changes, and only because it cannot wait for it: the receiver's destination
 (in its one entry, as a user does), Alertmanager's route timers, and the rules' durations:
@@ -21,6 +23,10 @@ HandshakeFailures. No traffic trips the other two: no session creation fails, si
 handshake fails before a session exists (HighSessionFailureRate), and sealing a message takes
 microseconds against a threshold of 10 ms (HighEncryptionLatency); promtool's unit tests
 (collector/prometheus/tests/) cover them.
+
+The SLOs count only what a server fails for a reason of its own: the demo's failures are its
+peers' doing, refused, and burn nothing; the third agent's capacity refusals (429
+global_handshake_rate) are failures and burn the handshake SLO's budget, fast enough to page.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,8 +53,14 @@ import httpx
 import pytest
 import yaml
 
-from sage_otel.agent.did import DIDDocument, DIDResolver, InMemoryRegistry, JsonFileRegistry
-from sage_otel.agent.errors import PeerError
+from sage_otel.agent.did import (
+    DIDDocument,
+    DIDResolver,
+    InMemoryRegistry,
+    JsonFileRegistry,
+    sign_registration,
+)
+from sage_otel.agent.errors import PeerError, SageError
 from sage_otel.agent.identity import AgentIdentity, Chain
 from sage_otel.agent.transport import ClientAgent
 from tools import services as _services
@@ -74,6 +87,12 @@ TIMERS = {
     ("repeat_interval", "12h"): "1h",
 }
 FAST_ROUTE = '{}/{severity="critical"}'
+# Agent c's global handshake rate, and the handshakes offered to it: 4 of 6 a second fail
+# for its capacity (67% against a page threshold of 14.4 x 0.5%), below HandshakeFailures'
+# 10/s per agent.
+CAPACITY = "2/second"
+OFFERED = 6
+HANDSHAKE_SLO = "sage-handshake-availability"
 SLOW_ROUTE = "{}"
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
@@ -276,13 +295,15 @@ class Agent:
     process: subprocess.Popen[bytes] = field(repr=False)
 
 
-def _env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
+def _env(**settings: str) -> dict[str, str]:
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
+    return inherited | settings
 
 
 @contextlib.contextmanager
-def agent(tmp: Path, name: str) -> Iterator[Agent]:
-    """``sage-otel serve`` on loopback ports, its registry a file the traffic shares."""
+def agent(tmp: Path, name: str, **settings: str) -> Iterator[Agent]:
+    """``sage-otel serve`` on loopback ports, its registry a file the traffic shares;
+    ``settings`` are environment variables (its limits)."""
     directory = tmp / name
     directory.mkdir()
     metrics = services.loopback()
@@ -297,7 +318,9 @@ def agent(tmp: Path, name: str) -> Iterator[Agent]:
         open(out, "wb") as stdout,
         open(directory / "serve.err", "wb") as stderr,
     ):
-        process = subprocess.Popen(args, env=_env(), cwd=directory, stdout=stdout, stderr=stderr)
+        process = subprocess.Popen(
+            args, env=_env(**settings), cwd=directory, stdout=stdout, stderr=stderr
+        )
 
     def first_line() -> str:
         if process.poll() is not None:
@@ -371,6 +394,54 @@ def rogue_handshakes(target: Agent, per_second: float) -> Iterator[threading.Eve
         thread.join(timeout=15)
 
 
+@dataclass
+class Handshakes:
+    """What a handshake driver met: sessions served, and the errors by code."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    served: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+
+
+@contextlib.contextmanager
+def over_capacity(target: Agent, peers: int, per_second: float) -> Iterator[Handshakes]:
+    """Handshakes from ``peers`` registered DIDs in turn, ``per_second`` of them in all, each
+    session served closed at once: more than a ``target`` started with a small
+    SAGE_OTEL_HANDSHAKE_RATE takes, so it refuses the rest for its own capacity (429
+    global_handshake_rate), failures that burn its handshake-availability budget. Each peer
+    stays far below its own limits (50 handshakes/s, 64 sessions); set ``stop`` to stop."""
+    seen = Handshakes()
+
+    async def run() -> None:
+        registry = JsonFileRegistry(str(target.registry))
+        identities = [AgentIdentity.generate(Chain.ETHEREUM) for _ in range(peers)]
+        for identity in identities:
+            document = DIDDocument.for_identity(identity, name="over-capacity")
+            await registry.register(document, sign_registration(identity, document))
+        async with httpx.AsyncClient(timeout=10) as http:
+            clients = itertools.cycle(
+                ClientAgent(identity, DIDResolver(registry), http=http) for identity in identities
+            )
+            due = time.monotonic()
+            while not seen.stop.is_set():
+                client = next(clients)
+                try:
+                    await client.close(await client.connect(target.url, target.did))
+                    seen.served += 1
+                except SageError as error:  # a refusal, or a timeout on a busy machine
+                    seen.refused[error.code] += 1
+                due += 1 / per_second
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        seen.stop.set()
+        thread.join(timeout=15)
+
+
 # --- the test ---------------------------------------------------------------------------------
 
 
@@ -418,10 +489,11 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
         manager = stack.enter_context(_services.alertmanager(tmp_path, config_for(hook.url)))
         a = stack.enter_context(agent(tmp_path, "a"))
         b = stack.enter_context(agent(tmp_path, "b"))
+        c = stack.enter_context(agent(tmp_path, "c", SAGE_OTEL_HANDSHAKE_RATE=CAPACITY))
         prometheus = stack.enter_context(
             services.prometheus(
                 tmp_path,
-                {JOB: [a.metrics, b.metrics]},
+                {JOB: [a.metrics, b.metrics, c.metrics]},
                 remote_write=False,
                 rule_files=fast_rule_files(tmp_path / "rules"),
                 extra_config={
@@ -434,6 +506,7 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
         traffic_a = stack.enter_context(traffic(tmp_path, a))
         traffic_b = stack.enter_context(traffic(tmp_path, b))
         rogues_a = stack.enter_context(rogue_handshakes(a, per_second=40))
+        overload = stack.enter_context(over_capacity(c, peers=4, per_second=OFFERED))
 
         # The plan's replay alert, critical, on both agents: one notification lists both
         # (group_by alertname and job), sent on the critical route.
@@ -494,8 +567,11 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
             assert warning.route == SLOW_ROUTE
             assert warning.firing() == {""}
 
-        # An SLO burning fast fires its page and its ticket (same sloth_id) in Prometheus:
-        # the page silences the ticket.
+        # Agent c, offered three times the handshakes it takes, fails the rest for its own
+        # capacity: the handshake SLO burns fast and fires its page and its ticket (same
+        # sloth_id) in Prometheus; the page is notified on the critical route and silences
+        # the ticket. The demo's and the rogues' refusals on a and b burn nothing: no other
+        # SLO fires, and the message SLI is measured, at 0.
         def slos_firing(severity: str) -> set[str]:
             query = f'ALERTS{{sloth_severity="{severity}", alertstate="firing"}}'
             return {x["metric"]["sloth_id"] for x in prometheus.query(query)}
@@ -504,6 +580,23 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
             lambda: slos_firing("page") & slos_firing("ticket"),
             what="an SLO's page and ticket firing together",
         )
+        assert burning == {HANDSHAKE_SLO}, burning
+        assert slos_firing("page") | slos_firing("ticket") == {HANDSHAKE_SLO}
+        failed = prometheus.query(
+            'sum by (instance) (sage_server_requests_total{operation="handshake",'
+            'outcome="failed"}) > 0'
+        )
+        assert {x["metric"]["instance"] for x in failed} == {c.metrics}, failed
+        assert overload.refused["global_handshake_rate"] > overload.served > 0, overload
+        sli = prometheus.query('slo:sli_error:ratio_rate5m{sloth_id="sage-message-availability"}')
+        assert [float(x["value"][1]) for x in sli] == [0.0], sli
+        page = hook.wait(
+            "the handshake SLO's page",
+            "SageHandshakeAvailabilityBudgetBurn",
+            lambda n: bool(n.firing()),
+        )
+        assert page.route == FAST_ROUTE
+        assert {x["labels"]["sloth_severity"] for x in page.body["alerts"]} == {"page"}
         services.wait_for(
             lambda: (
                 burning
@@ -520,6 +613,7 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
         # replay group's resolved notification arrives.
         _services.stop(traffic_a)
         rogues_a.set()
+        overload.stop.set()
         stopped = time.time()
         resolved = hook.wait(
             "the replay group resolved",
@@ -550,23 +644,23 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
     for notification in notifications:
         if notification.received > inhibited_at:
             assert b.metrics not in notification.firing("ReplayAttacksDetected")
-    # Nor a ticket of a burning SLO once its page was sent.
-    for slo in burning:
-        paged = min(
-            n.received
-            for n in notifications
-            for x in n.body["alerts"]
-            if x["labels"].get("sloth_id") == slo and x["labels"]["sloth_severity"] == "page"
-        )
-        for notification in notifications:
-            tickets = [
-                x
-                for x in notification.body["alerts"]
-                if x["labels"].get("sloth_id") == slo
-                and x["labels"]["sloth_severity"] == "ticket"
-                and x["status"] == "firing"
-            ]
-            assert notification.received < paged or not tickets, notification.body
+    # Only the handshake SLO was ever notified; nor a ticket of it while its page fired (from
+    # its first notification to its resolution, if the run saw one).
+    slo_alerts = [
+        (n, x) for n in notifications for x in n.body["alerts"] if "sloth_id" in x["labels"]
+    ]
+    assert {x["labels"]["sloth_id"] for _, x in slo_alerts} == {HANDSHAKE_SLO}
+    pages = [
+        (n.received, x["status"]) for n, x in slo_alerts if x["labels"]["sloth_severity"] == "page"
+    ]
+    paged = min(received for received, status in pages if status == "firing")
+    unpaged = min(
+        (received for received, status in pages if status == "resolved" and received > paged),
+        default=float("inf"),
+    )
+    for notification, alert in slo_alerts:
+        if alert["labels"]["sloth_severity"] == "ticket" and alert["status"] == "firing":
+            assert not paged <= notification.received < unpaged, notification.body
     # The first notification of a group waits for its route's group_wait: a critical one
     # about 1 s, a warning 3 s.
     first: dict[str, Notification] = {}
