@@ -313,14 +313,15 @@ def test_slo_dashboard_queries_return_data_from_the_rules(promtool: str, tmp_pat
     SLO panel query returns data: ``count(query)`` is the number of series it shows."""
     executable = binary(promtool)
     agent = 'job="sage-agent",instance="agent-1:9090"'
+    requests = m("server_requests")
     series = {
-        f'{m("handshakes_completed")}{{{agent},status="success"}}': "0+100x60",
-        f'{m("handshakes_completed")}{{{agent},status="failure"}}': "0+2x60",
-        f'{m("handshakes_failed")}{{{agent},error_type="timeout"}}': "0+1x60",
-        f'{m("handshakes_failed")}{{{agent},error_type="signature"}}': "0+1x60",
-        f'{m("messages_processed")}{{{agent},type="text",status="success"}}': "0+100x60",
-        f'{m("messages_processed")}{{{agent},type="text",status="failure"}}': "0+1x60",
-        f'{m("message_processing_duration", "_bucket")}{{{agent},le="0.01024"}}': "0+99x60",
+        f'{requests}{{{agent},operation="handshake",outcome="served"}}': "0+100x60",
+        f'{requests}{{{agent},operation="handshake",outcome="refused"}}': "0+1x60",
+        f'{requests}{{{agent},operation="handshake",outcome="failed"}}': "0+1x60",
+        f'{requests}{{{agent},operation="message",outcome="served"}}': "0+100x60",
+        f'{requests}{{{agent},operation="message",outcome="refused"}}': "0+1x60",
+        f'{requests}{{{agent},operation="message",outcome="failed"}}': "0+1x60",
+        f'{m("message_processing_duration", "_bucket")}{{{agent},le="0.04096"}}': "0+99x60",
         f'{m("message_processing_duration", "_bucket")}{{{agent},le="+Inf"}}': "0+100x60",
         f"{m('message_processing_duration', '_count')}{{{agent}}}": "0+100x60",
     }

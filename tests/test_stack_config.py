@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from sage_otel.telemetry.catalog import INSTRUMENTS
+from sage_otel.telemetry.catalog import INSTRUMENTS, OTHER
 from tools import services as stack_services
 
 REPO = Path(__file__).resolve().parents[1]
@@ -944,3 +944,152 @@ def test_built_jaeger_is_the_pinned_release() -> None:
         r"^\s*(?:mod|dep)\s+github\.com/jaegertracing/jaeger\s+(\S+)", result.stdout, re.M
     )
     assert modules == [JAEGER_RELEASE], result.stdout[:2000]
+
+
+# --- the telemetry pipeline as a trust boundary (docs/security.md) --------------------------
+
+COMPOSE_FILES = (COMPOSE, REMOTE_WRITE_COMPOSE, COLLECTOR / "docker-compose.scale.yaml")
+# Collector configs whose OTLP receiver takes metrics from agents.
+AGENT_FACING = (COLLECTOR_CONFIG, COLLECTOR / "tiers" / "agent.yaml")
+CATALOG_FILTER = "filter/catalog"
+# The OpenTelemetry SDK's own pipeline metrics an agent exports beside the catalog's
+# (OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED, set by sage_otel.configure()).
+SDK_METRIC_PREFIX = "otel.sdk."
+NAME_LIST = re.compile(r"ContainsValue\(\[([^\]]*)\],\s*metric\.name\)")
+
+
+def _published(service: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(host IP, the entry as written) of each published port, short or long syntax."""
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            yield str(entry.get("host_ip", "")), str(entry)
+        else:
+            parts = str(entry).split("/", 1)[0].rsplit(":", 2)
+            yield (parts[0] if len(parts) == 3 else ""), str(entry)
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_every_published_port_is_bound_to_loopback(path: Path) -> None:
+    """Each published port accepts writes or control from whoever reaches it: loopback only."""
+    services = load(path)["services"]
+    exposed = [
+        f"{name}: {entry}"
+        for name, service in services.items()
+        for host_ip, entry in _published(service)
+        if host_ip != "127.0.0.1"
+    ]
+    assert not exposed, f'publish as "127.0.0.1:HOST:CONTAINER" (docs/security.md): {exposed}'
+
+
+def test_merged_stack_publishes_only_on_loopback(docker_compose: str) -> None:
+    """The base file with the remote-write override, as Compose resolves it."""
+    result = run([docker_compose, "-f", str(COMPOSE), "-f", str(REMOTE_WRITE_COMPOSE), "config"])
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    published = [(n, ip) for n, s in services.items() for ip, _ in _published(s)]
+    assert published, "the merged stack publishes nothing: the check would prove nothing"
+    assert {ip for _, ip in published} == {"127.0.0.1"}, published
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_no_service_serves_a_lifecycle_or_admin_api(path: Path) -> None:
+    """--web.enable-lifecycle lets anyone who reaches Prometheus stop it (POST /-/quit);
+    the admin API deletes series. Reloads use SIGHUP (docs/stack.md)."""
+    for name, service in load(path)["services"].items():
+        command = service.get("command") or []
+        for flag_ in ("--web.enable-lifecycle", "--web.enable-admin-api"):
+            assert flag_ not in command, f"{name}: {flag_}"
+
+
+@pytest.mark.parametrize("path", (COMPOSE, COLLECTOR / "docker-compose.scale.yaml"))
+def test_grafana_anonymous_access_is_at_most_viewer(path: Path) -> None:
+    """An anonymous Editor could create Alertmanager silences and change dashboards."""
+    env = load(path)["services"]["grafana"]["environment"]
+    assert env.get("GF_AUTH_ANONYMOUS_ORG_ROLE", "Viewer") == "Viewer"
+    assert env.get("GF_AUTH_DISABLE_LOGIN_FORM") not in ("true", True)
+
+
+def _catalog_filter(path: Path) -> dict[str, Any]:
+    config = load(path)
+    assert CATALOG_FILTER in config["processors"], f"{path.name}: no {CATALOG_FILTER}"
+    return config["processors"][CATALOG_FILTER]
+
+
+def _datapoint_condition(instrument: Any) -> str:
+    """What a data point of ``instrument`` must satisfy, as the filter's drop condition."""
+    parts = [f"Len(datapoint.attributes) != {len(instrument.labels)}"]
+    for label in instrument.labels:
+        values = ", ".join(f'"{value}"' for value in (*label.values, OTHER))
+        parts.append(f'not ContainsValue([{values}], datapoint.attributes["{label.key}"])')
+    return f'metric.name == "{instrument.name}" and ({" or ".join(parts)})'
+
+
+def _fix(path: Path, sdk: list[str]) -> str:
+    """The ``metric_conditions`` the catalog asks for, to paste into ``path``."""
+    names = ", ".join(f'"{instrument.name}"' for instrument in INSTRUMENTS)
+    listed = ", ".join(f'"{name}"' for name in sdk)
+    first = (
+        f"not ContainsValue([{names}], metric.name) and not ContainsValue([{listed}], metric.name)"
+    )
+    conditions = [first, *(_datapoint_condition(instrument) for instrument in INSTRUMENTS)]
+    block = yaml.safe_dump({"metric_conditions": conditions}, width=100, sort_keys=False)
+    return f"\nset {CATALOG_FILTER}'s metric_conditions in {path.relative_to(REPO)} to:\n{block}"
+
+
+def _sdk_names(path: Path) -> list[str]:
+    found = NAME_LIST.findall(_normal(_catalog_filter(path)["metric_conditions"][0]))
+    return [name.strip(' "') for name in found[1].split(",")] if len(found) == 2 else []
+
+
+def _normal(condition: str) -> str:
+    return re.sub(r"\s+", " ", condition.replace("[ ", "[").replace(" ]", "]")).strip()
+
+
+@pytest.mark.parametrize("path", AGENT_FACING, ids=lambda p: p.stem)
+def test_collector_passes_only_catalog_metrics(path: Path) -> None:
+    """The filter's allow-list is the catalog's OTel names plus the SDK's own metrics.
+
+    Adding, renaming or removing an instrument without updating the filter fails here: an
+    agent's new metric would be dropped, or a removed name still accepted from anyone.
+    """
+    settings = _catalog_filter(path)
+    assert settings["error_mode"] == "propagate", "a failing condition must not let data by"
+    conditions = [_normal(c) for c in settings["metric_conditions"]]
+    lists = NAME_LIST.findall(conditions[0])
+    assert conditions[0].startswith("not ContainsValue(") and len(lists) == 2, conditions[0]
+    catalog, sdk = ([name.strip(' "') for name in found.split(",")] for found in lists)
+    expected = [instrument.name for instrument in INSTRUMENTS]
+    assert catalog == expected, (
+        f"{path.name}: make {CATALOG_FILTER}'s first list the catalog's names, in order: "
+        f"missing {sorted(set(expected) - set(catalog))}, "
+        f"not in the catalog {sorted(set(catalog) - set(expected))}" + _fix(path, sdk)
+    )
+    assert sdk and all(name.startswith(SDK_METRIC_PREFIX) for name in sdk), sdk
+
+
+@pytest.mark.parametrize("path", AGENT_FACING, ids=lambda p: p.stem)
+def test_collector_closes_every_catalog_metrics_label_set(path: Path) -> None:
+    """A data point whose attributes are not exactly its instrument's labels, each with a
+    value from its closed set (or ``other``), is dropped: no forged label or series."""
+    conditions = [_normal(c) for c in _catalog_filter(path)["metric_conditions"]][1:]
+    expected = [_normal(_datapoint_condition(instrument)) for instrument in INSTRUMENTS]
+    wrong = [e for e in expected if e not in conditions]
+    stale = set(conditions) - set(expected)
+    assert not wrong and not stale, (
+        f"{path.name}: missing {wrong}, not the catalog's {sorted(stale)}"
+        + _fix(path, _sdk_names(path))
+    )
+
+
+@pytest.mark.parametrize("path", AGENT_FACING, ids=lambda p: p.stem)
+def test_every_agent_facing_metrics_pipeline_filters_first(path: Path) -> None:
+    """Right after the memory limiter, before anything can stamp, batch or export."""
+    pipelines = load(path)["service"]["pipelines"]
+    metrics = [p for name, p in pipelines.items() if name.split("/")[0] == "metrics"]
+    assert metrics
+    for pipeline in metrics:
+        assert pipeline["processors"][:2] == ["memory_limiter", CATALOG_FILTER], pipeline
+
+
+def test_agent_tier_filters_as_the_base_collector_does() -> None:
+    assert _catalog_filter(AGENT_FACING[1]) == _catalog_filter(AGENT_FACING[0])
