@@ -9,8 +9,9 @@ from pathlib import Path
 import yaml
 
 ALERTS = Path(__file__).resolve().parents[2] / "collector" / "prometheus" / "alerts"
-# Alerts on the collector's own telemetry: measured in test_collector.py, where one runs.
-COLLECTOR_ALERTS = frozenset({"TelemetryExportFailures", "CollectorDown"})
+# Alerts on the collector's own telemetry: measured in test_collector.py and
+# test_pipeline_trust.py, where one runs.
+COLLECTOR_ALERTS = frozenset({"TelemetryExportFailures", "TelemetryRejected", "CollectorDown"})
 _COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
 _SET_OPERATORS = (" and ", " or ", " unless ")
 

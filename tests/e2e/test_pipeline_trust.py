@@ -23,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -239,3 +240,26 @@ def test_new_names_and_labels_create_no_series(pipeline: Pipeline) -> None:
     # The marker's series and its target_info are the only new ones.
     assert after - before == 2, (before, after)
     assert not [name for name in prometheus.metric_names() if name.startswith("forged_")]
+
+
+def test_rejected_pushes_raise_the_shipped_alert(pipeline: Pipeline, tmp_path: Path) -> None:
+    """TelemetryRejected, from the shipped rules, goes active on the collector's own counter
+    of what its filter dropped, while forged pushes keep coming (as scraped by Prometheus)."""
+    collector = pipeline.collector
+    _push(collector, pipeline.agent_instance, [_gauge("evil_metric", 1)])  # the counter exists
+    rules = services.REPO / "collector" / "prometheus" / "alerts" / "sage-alerts.yml"
+    with services.prometheus(
+        tmp_path,
+        {"otel-collector": [collector.metrics_address]},
+        remote_write=False,
+        rule_files=[rules],
+    ) as watcher:
+        watcher.wait_for('{__name__=~"otelcol_processor_filter_datapoints[._]filtered(_total)?"}')
+
+        def active() -> list[dict[str, Any]]:
+            _push(collector, pipeline.agent_instance, [_gauge("evil_metric", 1)])
+            return watcher.query('ALERTS{alertname="TelemetryRejected"}')
+
+        alerts = services.wait_for(active, timeout=60, interval=2, what="TelemetryRejected")
+    assert {a["metric"]["job"] for a in alerts} == {"otel-collector"}
+    assert {a["metric"]["alertstate"] for a in alerts} <= {"pending", "firing"}
