@@ -528,7 +528,7 @@ def _args(request) -> tuple[str, bytes, bytes]:
 
 
 def test_the_global_limiter_keeps_a_reserve_for_established_peers() -> None:
-    from sage_otel.agent.errors import RateLimitedError
+    from sage_otel.agent.errors import OverloadError, RateLimitedError
     from sage_otel.agent.handshake import GlobalHandshakeLimiter
 
     now = [0.0]
@@ -541,8 +541,9 @@ def test_the_global_limiter_keeps_a_reserve_for_established_peers() -> None:
     assert info.value.retry_after == 1
     for _ in range(5):
         limiter.hit(newcomer=False)  # the reserve
-    with pytest.raises(RateLimitedError):
+    with pytest.raises(OverloadError) as full:  # out of handshakes for everyone: 503
         limiter.hit(newcomer=False)
+    assert not isinstance(full.value, RateLimitedError) and full.value.http_status == 503
     now[0] += 0.1  # one token: established peers first
     with pytest.raises(RateLimitedError):
         limiter.hit(newcomer=True)

@@ -1451,9 +1451,13 @@ async def test_a_full_session_table_is_the_servers_failure(
     ("error", "servers"),
     [
         (errors.OverloadError("full"), True),
-        (errors.RateLimitedError("x", code="global_handshake_rate"), True),
-        (errors.RateLimitedError("x", code="session_capacity"), True),
-        (errors.RateLimitedError("x", code="push_backlog"), True),
+        (errors.OverloadError("x", code="global_handshake_rate"), True),  # established: 503
+        (errors.OverloadError("x", code="session_capacity"), True),
+        (errors.OverloadError("x", code="push_backlog"), True),
+        (errors.RateLimitedError("x", code="global_handshake_rate"), False),  # newcomers' half
+        (errors.RateLimitedError("x", code="session_capacity"), False),  # holds its share
+        (errors.RateLimitedError("x", code="push_backlog"), False),  # its endpoint's share
+        (errors.RateLimitedError("x", code="new_peer_share"), False),
         (errors.RateLimitedError("x", code="rate_limited"), False),
         (errors.RateLimitedError("x", code="peer_session_limit"), False),
         (errors.RateLimitedError("x", code="inbox_full"), False),

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import register_identity
-from sage_otel.agent.errors import NetworkError, PeerError, RateLimitedError
+from sage_otel.agent.errors import NetworkError, OverloadError, PeerError, RateLimitedError
 from sage_otel.agent.identity import AgentIdentity, Chain
 from sage_otel.agent.outbound import OutboundPolicy, PushSlots
 from sage_otel.agent.session import PeerProfile
@@ -388,7 +388,7 @@ def test_push_slots_hold_per_endpoint_and_in_total() -> None:
     assert slots.in_flight == 1
     slots.acquire("http://b.example")
     slots.acquire("http://c.example")
-    with pytest.raises(RateLimitedError):
+    with pytest.raises(OverloadError):
         slots.acquire("http://d.example")  # the total is reached, nobody holds 2 more than d
     assert slots.in_flight == 3
 
@@ -420,20 +420,20 @@ def test_a_full_total_evicts_the_oldest_push_of_the_biggest_holder() -> None:
     assert slots.in_flight == 6
 
     for requester in ("http://d.example", "http://c.example"):  # they hold 1; a and b hold 2
-        with pytest.raises(RateLimitedError) as info:
+        with pytest.raises(OverloadError) as info:  # full for everyone, nothing to evict: 503
             slots.acquire(requester)
-        assert info.value.code == "push_backlog"
+        assert info.value.code == "push_backlog" and info.value.http_status == 503
 
     e1 = slots.acquire("http://e.example")  # a and b hold 2: a's push is the older
     assert a2.evicted and not b1.evicted and slots.held("http://a.example") == 1
     late = FakeTask()
     a2.attach(late)  # a task attached after its slot was evicted is cancelled at once
     assert late.cancelled
-    with pytest.raises(RateLimitedError):
+    with pytest.raises(OverloadError):
         slots.acquire("http://e.example")  # b holds 2 < 1 + 2
     f1 = slots.acquire("http://f.example")
     assert b1.evicted and tasks[b1].cancelled and not tasks[b2].cancelled
-    with pytest.raises(RateLimitedError):
+    with pytest.raises(OverloadError):
         slots.acquire("http://g.example")  # everyone holds 1: nothing to evict
     assert not any(tasks[slot].cancelled for slot in (a3, b2, c1))
 

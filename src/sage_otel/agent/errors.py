@@ -184,13 +184,6 @@ class PeerError(SageError):
         self.http_status = http_status
 
 
-# Overload codes that are the server's own capacity (whoever asked is refused), as opposed to
-# one peer's share of it (rate_limited, peer_session_limit, inbox_full: that peer's doing).
-SERVER_CAPACITY_CODES = frozenset(
-    {OverloadError.code, "global_handshake_rate", "session_capacity", "push_backlog"}
-)
-
-
 _SERVER_CATEGORIES = (ErrorCategory.INTERNAL, ErrorCategory.TIMEOUT, ErrorCategory.NETWORK)
 
 
@@ -198,8 +191,8 @@ def server_fault(exc: BaseException) -> bool:
     """Whether a server's failure to serve a request is its own (and counts against its
     objectives) rather than the request's: malformed, unauthenticated, unknown, replayed,
     expired, or over its own peer's limits. A peer cannot make the server look broken."""
-    if isinstance(exc, OverloadError):
-        return exc.code in SERVER_CAPACITY_CODES
+    if isinstance(exc, OverloadError):  # 503: the server is full for whoever asks; 429
+        return not isinstance(exc, RateLimitedError)  # (rate limited): the asker's share
     if isinstance(exc, RequestTimeoutError):  # a client too slow to send its request
         return False
     if isinstance(exc, SageError):

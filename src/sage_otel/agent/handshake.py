@@ -27,6 +27,7 @@ from .encoding import b64url, format_rfc3339, from_b64url, parse_rfc3339
 from .entropy import SYSTEM, Entropy
 from .errors import (
     InvalidMessageError,
+    OverloadError,
     RateLimitedError,
     ReplayError,
     SignatureError,
@@ -344,7 +345,10 @@ class GlobalHandshakeLimiter:
         floor = self.newcomer_floor if newcomer else 0.0
         if tokens - 1.0 < floor:
             self._tokens = tokens
-            raise RateLimitedError(
+            # Newcomers spent their half: a limit on them (429). An established peer refused
+            # from the reserve: the server is out of handshakes for everyone (503).
+            refusal = RateLimitedError if newcomer else OverloadError
+            raise refusal(
                 "handshake rate limit of this server",
                 code="global_handshake_rate",
                 retry_after=(floor + 1.0 - tokens) / self.per_second,

@@ -17,7 +17,7 @@ from typing import Any
 
 from yarl import URL
 
-from .errors import RateLimitedError
+from .errors import OverloadError, RateLimitedError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -165,8 +165,10 @@ class PushSlots:
     def acquire(self, endpoint: str) -> PushSlot:
         key = endpoint_key(endpoint)
         held = len(self._by_endpoint.get(key, ()))
-        if held >= self.per_peer or (self.in_flight >= self.total and not self._evict_for(held)):
+        if held >= self.per_peer:  # this endpoint's own share: the peer's doing (429)
             raise RateLimitedError("too many replies in flight: retry later", code="push_backlog")
+        if self.in_flight >= self.total and not self._evict_for(held):  # the server is full
+            raise OverloadError("too many replies in flight: retry later", code="push_backlog")
         slot = PushSlot(self, key, next(self._orders))
         self._by_endpoint.setdefault(key, {})[slot] = None
         self.in_flight += 1
