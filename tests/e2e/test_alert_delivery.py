@@ -25,8 +25,9 @@ microseconds against a threshold of 10 ms (HighEncryptionLatency); promtool's un
 (collector/prometheus/tests/) cover them.
 
 The SLOs count only what a server fails for a reason of its own: the demo's failures are its
-peers' doing, refused, and burn nothing; the third agent's capacity refusals (429
-global_handshake_rate) are failures and burn the handshake SLO's budget, fast enough to page.
+peers' doing, refused, and burn nothing; the third agent's capacity refusals of established
+peers (503 global_handshake_rate) are failures and burn the handshake SLO's budget, fast
+enough to page.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ FAST_ROUTE = '{}/{severity="critical"}'
 # 10/s per agent.
 CAPACITY = "2/second"
 OFFERED = 6
+# SessionManager's default: a peer whose oldest live session is this old is established.
+ESTABLISHED_AFTER = 60
 HANDSHAKE_SLO = "sage-handshake-availability"
 SLOW_ROUTE = "{}"
 
@@ -405,11 +408,15 @@ class Handshakes:
 
 @contextlib.contextmanager
 def over_capacity(target: Agent, peers: int, per_second: float) -> Iterator[Handshakes]:
-    """Handshakes from ``peers`` registered DIDs in turn, ``per_second`` of them in all, each
-    session served closed at once: more than a ``target`` started with a small
-    SAGE_OTEL_HANDSHAKE_RATE takes, so it refuses the rest for its own capacity (429
-    global_handshake_rate), failures that burn its handshake-availability budget. Each peer
-    stays far below its own limits (50 handshakes/s, 64 sessions); set ``stop`` to stop."""
+    """Handshakes from ``peers`` established peers in turn, ``per_second`` of them in all,
+    each session served closed at once: more than a ``target`` started with a small
+    SAGE_OTEL_HANDSHAKE_RATE takes, so once even the reserve kept for established peers is
+    spent it refuses them for its own capacity (503 global_handshake_rate), failures that
+    burn its handshake-availability budget. A peer is established when its oldest live
+    session is a minute old: each first opens one session, keeps it, and waits that minute
+    (newcomers over the newcomers' half get 429, their own share, which burns nothing).
+    Each peer stays far below its own limits (50 handshakes/s, 64 sessions); set ``stop``
+    to stop."""
     seen = Handshakes()
 
     async def run() -> None:
@@ -419,9 +426,20 @@ def over_capacity(target: Agent, peers: int, per_second: float) -> Iterator[Hand
             document = DIDDocument.for_identity(identity, name="over-capacity")
             await registry.register(document, sign_registration(identity, document))
         async with httpx.AsyncClient(timeout=10) as http:
-            clients = itertools.cycle(
+            agents = [
                 ClientAgent(identity, DIDResolver(registry), http=http) for identity in identities
-            )
+            ]
+            for agent in agents:  # one live session each, kept open
+                while not seen.stop.is_set():
+                    try:
+                        await agent.connect(target.url, target.did)
+                        break
+                    except SageError:  # a newcomer over the newcomers' half: again
+                        await asyncio.sleep(0.5)
+            established = time.monotonic() + ESTABLISHED_AFTER + 1
+            while not seen.stop.is_set() and time.monotonic() < established:
+                await asyncio.sleep(0.2)
+            clients = itertools.cycle(agents)
             due = time.monotonic()
             while not seen.stop.is_set():
                 client = next(clients)
@@ -576,8 +594,9 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
             query = f'ALERTS{{sloth_severity="{severity}", alertstate="firing"}}'
             return {x["metric"]["sloth_id"] for x in prometheus.query(query)}
 
-        burning = services.wait_for(
+        burning = services.wait_for(  # the driver's peers are established after a minute
             lambda: slos_firing("page") & slos_firing("ticket"),
+            timeout=ESTABLISHED_AFTER + 90,
             what="an SLO's page and ticket firing together",
         )
         assert burning == {HANDSHAKE_SLO}, burning
