@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from sage_otel.telemetry.catalog import INSTRUMENTS, OTHER
+from sage_otel.telemetry.catalog import INSTRUMENTS, OTHER, Kind
 from tools import services as stack_services
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1015,9 +1015,32 @@ def _catalog_filter(path: Path) -> dict[str, Any]:
     return config["processors"][CATALOG_FILTER]
 
 
+# Drop conditions on every data point, whatever its metric. Prometheus' OTLP receiver refuses
+# a whole request (400) for one delta sum or histogram, or one sample older than its
+# out_of_order_time_window (30m, prometheus.yml) or in the future, and the exporter then
+# drops every agent's points batched with it: such points are dropped here instead.
+POINT_CONDITIONS = (
+    "metric.aggregation_temporality != nil"
+    " and metric.aggregation_temporality != AGGREGATION_TEMPORALITY_CUMULATIVE",
+    'datapoint.time < Now() - Duration("25m") or datapoint.time > Now() + Duration("5m")',
+)
+# The OTLP shape configure() exports for each Kind (sage_otel.telemetry.meters): counters
+# are monotonic sums, up-down counters non-monotonic sums, histograms explicit-bucket ones.
+SHAPES = {
+    Kind.COUNTER: "metric.type != METRIC_DATA_TYPE_SUM or metric.is_monotonic != true",
+    Kind.UP_DOWN_COUNTER: "metric.type != METRIC_DATA_TYPE_SUM or metric.is_monotonic != false",
+    Kind.HISTOGRAM: "metric.type != METRIC_DATA_TYPE_HISTOGRAM",
+}
+
+
 def _datapoint_condition(instrument: Any) -> str:
-    """What a data point of ``instrument`` must satisfy, as the filter's drop condition."""
-    parts = [f"Len(datapoint.attributes) != {len(instrument.labels)}"]
+    """What a data point of ``instrument`` must satisfy, as the filter's drop condition:
+    its metric's type and unit (another makes another Prometheus name), then its labels."""
+    parts = [
+        SHAPES[instrument.kind],
+        f'metric.unit != "{instrument.unit}"',
+        f"Len(datapoint.attributes) != {len(instrument.labels)}",
+    ]
     for label in instrument.labels:
         values = ", ".join(f'"{value}"' for value in (*label.values, OTHER))
         parts.append(f'not ContainsValue([{values}], datapoint.attributes["{label.key}"])')
@@ -1031,7 +1054,11 @@ def _fix(path: Path, sdk: list[str]) -> str:
     first = (
         f"not ContainsValue([{names}], metric.name) and not ContainsValue([{listed}], metric.name)"
     )
-    conditions = [first, *(_datapoint_condition(instrument) for instrument in INSTRUMENTS)]
+    conditions = [
+        first,
+        *POINT_CONDITIONS,
+        *(_datapoint_condition(instrument) for instrument in INSTRUMENTS),
+    ]
     block = yaml.safe_dump({"metric_conditions": conditions}, width=100, sort_keys=False)
     return f"\nset {CATALOG_FILTER}'s metric_conditions in {path.relative_to(REPO)} to:\n{block}"
 
@@ -1068,10 +1095,23 @@ def test_collector_passes_only_catalog_metrics(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", AGENT_FACING, ids=lambda p: p.stem)
-def test_collector_closes_every_catalog_metrics_label_set(path: Path) -> None:
-    """A data point whose attributes are not exactly its instrument's labels, each with a
-    value from its closed set (or ``other``), is dropped: no forged label or series."""
-    conditions = [_normal(c) for c in _catalog_filter(path)["metric_conditions"]][1:]
+def test_collector_drops_points_prometheus_would_refuse(path: Path) -> None:
+    """Right after the allow-list: delta sums and histograms, and points outside the time
+    window Prometheus stores, each of which would make it refuse everyone's batch."""
+    conditions = [_normal(c) for c in _catalog_filter(path)["metric_conditions"]]
+    expected = [_normal(condition) for condition in POINT_CONDITIONS]
+    assert conditions[1 : 1 + len(expected)] == expected, (
+        f"{path.name}: not the point conditions" + _fix(path, _sdk_names(path))
+    )
+
+
+@pytest.mark.parametrize("path", AGENT_FACING, ids=lambda p: p.stem)
+def test_collector_closes_every_catalog_metrics_shape_and_label_set(path: Path) -> None:
+    """A data point whose metric has not its instrument's type, monotonicity and unit, or
+    whose attributes are not exactly its labels, each with a value from its closed set (or
+    ``other``), is dropped: no forged name, label or series."""
+    conditions = [_normal(c) for c in _catalog_filter(path)["metric_conditions"]]
+    conditions = conditions[1 + len(POINT_CONDITIONS) :]
     expected = [_normal(_datapoint_condition(instrument)) for instrument in INSTRUMENTS]
     wrong = [e for e in expected if e not in conditions]
     stale = set(conditions) - set(expected)

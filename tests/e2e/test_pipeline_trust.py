@@ -40,6 +40,7 @@ FORGER = "forger-1"
 FILTERED = "otelcol_processor_filter_datapoints_filtered"
 # Names a forger would use: Prometheus' own series and any other prefix.
 FORGED_NAMES = ("up", "ALERTS", "scrape_samples_scraped", "evil_metric")
+DELTA, CUMULATIVE = 1, 2  # OTLP AggregationTemporality
 
 
 @dataclass
@@ -145,19 +146,51 @@ def _gauge(name: str, value: float, labels: dict[str, str] | None = None) -> dic
     }
 
 
-def _handshakes(value: float, labels: dict[str, str]) -> dict[str, Any]:
-    now = time.time_ns()
-    point = {
-        "asDouble": value,
-        "startTimeUnixNano": str(now - 60 * 10**9),
-        "timeUnixNano": str(now),
+def _point(labels: dict[str, str], age: float = 0, **fields: Any) -> dict[str, Any]:
+    """A data point timestamped ``age`` seconds ago, started a minute before that."""
+    at = time.time_ns() - int(age * 1e9)
+    return {
+        **fields,
+        "startTimeUnixNano": str(at - 60 * 10**9),
+        "timeUnixNano": str(at),
         "attributes": _attributes(labels),
     }
+
+
+def _sum(
+    name: str,
+    unit: str,
+    value: float,
+    labels: dict[str, str],
+    *,
+    temporality: int = CUMULATIVE,
+    monotonic: bool = True,
+    age: float = 0,
+) -> dict[str, Any]:
     return {
-        "name": "sage.handshakes.completed",
-        "unit": "{handshake}",
-        "sum": {"aggregationTemporality": 2, "isMonotonic": True, "dataPoints": [point]},
+        "name": name,
+        "unit": unit,
+        "sum": {
+            "aggregationTemporality": temporality,
+            "isMonotonic": monotonic,
+            "dataPoints": [_point(labels, age, asDouble=value)],
+        },
     }
+
+
+def _histogram(
+    name: str, unit: str, labels: dict[str, str], *, temporality: int = CUMULATIVE
+) -> dict[str, Any]:
+    point = _point(labels, count="1", sum=0.01, bucketCounts=["1", "0"], explicitBounds=[0.1])
+    return {
+        "name": name,
+        "unit": unit,
+        "histogram": {"aggregationTemporality": temporality, "dataPoints": [point]},
+    }
+
+
+def _handshakes(value: float, labels: dict[str, str], **options: Any) -> dict[str, Any]:
+    return _sum("sage.handshakes.completed", "{handshake}", value, labels, **options)
 
 
 def _push(collector: Collector, instance: str, metrics: list[dict[str, Any]]) -> None:
@@ -263,3 +296,74 @@ def test_rejected_pushes_raise_the_shipped_alert(pipeline: Pipeline, tmp_path: P
         alerts = services.wait_for(active, timeout=60, interval=2, what="TelemetryRejected")
     assert {a["metric"]["job"] for a in alerts} == {"otel-collector"}
     assert {a["metric"]["alertstate"] for a in alerts} <= {"pending", "firing"}
+
+
+def _samples(prometheus: Prometheus, instance: str) -> int:
+    """Samples stored for ``instance``'s successful handshakes in the last 5 minutes."""
+    series = f'sage_handshakes_completed_total{{instance="{instance}", status="success"}}'
+    found = prometheus.query(f"count_over_time({series}[5m])")
+    return int(found[0]["value"][1]) if found else 0
+
+
+def test_points_prometheus_would_refuse_do_not_cost_the_batch(pipeline: Pipeline) -> None:
+    """A delta sum, a delta histogram, a point 2 h old and one 1 h ahead make Prometheus'
+    OTLP receiver refuse the whole request, and the exporter then drops every point batched
+    with them (before the point conditions: 0 of 15 honest samples stored). They are dropped
+    at the filter instead: a well-formed point in the same request arrives, and every one of
+    an honest agent's 15 pushes, sent between such pushes, is stored."""
+    prometheus, collector = pipeline.prometheus, pipeline.collector
+    before = _filtered(collector)
+    refused = [
+        _handshakes(5, {"status": "success"}, temporality=DELTA),
+        _histogram("sage.handshake.duration", "s", {"stage": "init"}, temporality=DELTA),
+        _handshakes(5, {"status": "success"}, age=2 * 3600),
+        _handshakes(5, {"status": "success"}, age=-3600),
+    ]
+    mixed, honest = "mixed-1", "honest-1"
+    _push(collector, mixed, [*refused, _handshakes(3, {"status": "success"})])
+    for i in range(15):
+        _push(collector, mixed, refused)
+        _push(collector, honest, [_handshakes(i + 1, {"status": "success"})])
+        time.sleep(0.5)
+    arrived = prometheus.wait_for(
+        f'sage_handshakes_completed_total{{instance="{mixed}"}}', timeout=30
+    )
+    assert [series["value"][1] for series in arrived] == ["3"], arrived
+    services.wait_for(
+        lambda: _samples(prometheus, honest) == 15,
+        timeout=30,
+        what="the honest agent's 15 samples",
+    )
+    assert not prometheus.query(f'{{instance="{mixed}", __name__=~"sage_handshake_duration.*"}}')
+    dropped = 16 * len(refused)
+    services.wait_for(
+        lambda: _filtered(collector) - before >= dropped,
+        timeout=10,
+        what=f"{dropped} data points counted in {FILTERED}",
+    )
+
+
+def test_a_wrong_unit_or_type_creates_no_new_name(pipeline: Pipeline) -> None:
+    """Catalog names with another unit, type or monotonicity: before the shape conditions one
+    push created sage_sessions_active_bytes, sage_server_requests (a gauge),
+    sage_handshakes_completed_milliseconds_total and a forged histogram's _bucket, _count and
+    _sum. Now none of them: only the well-formed marker in the same request arrives."""
+    prometheus, collector = pipeline.prometheus, pipeline.collector
+    served = {"operation": "message", "outcome": "served"}
+    names_before = prometheus.metric_names()
+    wrong = [
+        _sum("sage.sessions.active", "By", 1, {}, monotonic=False),  # wrong unit
+        _sum("sage.sessions.active", "{session}", 1, {}),  # monotonic: a counter
+        {**_gauge("sage.server.requests", 1, served), "unit": "{request}"},
+        _handshakes(1, {"status": "success"}) | {"unit": "ms"},
+        _sum("sage.handshakes.completed", "{handshake}", 1, {"status": "success"}, monotonic=False),
+        _histogram("sage.sessions.created", "{session}", {"status": "success"}),
+        _histogram("sage.session.duration", "ms", {"operation": "create"}),
+    ]
+    marker = "marker-shapes"
+    _push(collector, marker, [*wrong, _handshakes(2, {"status": "success"})])
+    prometheus.wait_for(f'sage_handshakes_completed_total{{instance="{marker}"}}', timeout=30)
+    new_names = prometheus.metric_names() - names_before
+    assert not new_names, new_names
+    series = prometheus.query(f'{{instance="{marker}", __name__!="target_info"}}')
+    assert [s["metric"]["__name__"] for s in series] == ["sage_handshakes_completed_total"]
