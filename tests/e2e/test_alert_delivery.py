@@ -19,10 +19,14 @@ and expressions are otherwise as shipped.
 
 Of the plan's four alerts (§5.1), the demo's traffic trips ReplayAttacksDetected, and its
 rogue handshakes, sent faster (40/s, the demo's are 2/s, the threshold 10/s per agent), trip
-HandshakeFailures. No traffic trips the other two: no session creation fails, since a refused
-handshake fails before a session exists (HighSessionFailureRate), and sealing a message takes
-microseconds against a threshold of 10 ms (HighEncryptionLatency); promtool's unit tests
-(collector/prometheus/tests/) cover them.
+HandshakeFailures. No traffic trips the other two: an agent admits a session before the
+handshake's work, so creating one practically never fails (HighSessionFailureRate), and sealing
+a message takes microseconds against a threshold of 10 ms (HighEncryptionLatency). Their
+expressions are proven by promtool's unit tests (collector/prometheus/tests/); their delivery
+here, by pushing the signals they watch into the same Prometheus through its OTLP receiver, as
+an agent's own OTLP metric exporter sends them, under a service of their own: session
+creations half failed, and 50 ms seals, every second until both alerts are notified firing;
+then nothing, so that both resolve.
 
 The SLOs count only what a server fails for a reason of its own: the demo's failures are its
 peers' doing, refused, and burn nothing; the third agent's capacity refusals of established
@@ -53,6 +57,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+from opentelemetry.sdk import metrics as sdk_metrics
+from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
 
 from sage_otel.agent.did import (
     DIDDocument,
@@ -64,6 +73,7 @@ from sage_otel.agent.did import (
 from sage_otel.agent.errors import PeerError, SageError
 from sage_otel.agent.identity import AgentIdentity, Chain
 from sage_otel.agent.transport import ClientAgent
+from sage_otel.telemetry import catalog
 from tools import services as _services
 
 from . import services
@@ -97,6 +107,16 @@ OFFERED = 6
 ESTABLISHED_AFTER = 60
 HANDSHAKE_SLO = "sage-handshake-availability"
 SLOW_ROUTE = "{}"
+# The pushed signals' service (job and instance over OTLP), apart from the agents', and how
+# many session creations (as many failed) and 50 ms seals it records a second.
+PUSHED_JOB = "sage-pushed"
+PUSHED_INSTANCE = "pushed-1"
+PUSHED_PER_SECOND = 200
+# The alerts the pushed signals trip: alert name -> its severity and the route it takes.
+PUSHED = {
+    "HighSessionFailureRate": ("critical", FAST_ROUTE),
+    "HighEncryptionLatency": ("warning", SLOW_ROUTE),
+}
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _DURATION = r"(?:\d+(?:ms|[smhdwy]))+"
@@ -460,6 +480,75 @@ def over_capacity(target: Agent, peers: int, per_second: float) -> Iterator[Hand
         thread.join(timeout=15)
 
 
+# --- what no traffic here trips, pushed as an agent's own OTLP metric exporter sends it -------
+
+
+@dataclass
+class Pushed:
+    """When the pusher stopped (wall clock), or 0 while it runs."""
+
+    stopped: float = 0.0
+
+
+@contextlib.contextmanager
+def failing_sessions_and_slow_sealing(
+    otlp_url: str, until: Callable[[], bool], *, timeout: float = 120
+) -> Iterator[Pushed]:
+    """Every second, through an OTLP metric exporter of the SDK to ``otlp_url``: session
+    creations, half of them failed (HighSessionFailureRate's 10% across the fleet, still
+    crossed with the agents' own), and 50 ms seals (HighEncryptionLatency's p95 of 10 ms,
+    still crossed with the agents' microsecond ones), under a service of their own. It stops once
+    ``until()`` holds (or after ``timeout``), so that both alerts then resolve."""
+    created = catalog.BY_KEY["sessions_created"]
+    duration = catalog.BY_KEY["session_duration"]
+    provider = sdk_metrics.MeterProvider(
+        resource=Resource({"service.name": PUSHED_JOB, "service.instance.id": PUSHED_INSTANCE}),
+        metric_readers=[
+            PeriodicExportingMetricReader(
+                OTLPMetricExporter(
+                    endpoint=otlp_url,
+                    timeout=10,
+                    preferred_temporality={
+                        sdk_metrics.Counter: AggregationTemporality.CUMULATIVE,
+                        sdk_metrics.Histogram: AggregationTemporality.CUMULATIVE,
+                    },
+                ),
+                export_interval_millis=1000,
+            )
+        ],
+        views=[
+            View(
+                instrument_name=duration.name,
+                aggregation=ExplicitBucketHistogramAggregation(duration.buckets),
+            )
+        ],
+    )
+    meter = provider.get_meter("sage-otel-e2e")
+    sessions = meter.create_counter(created.name, created.unit, created.description)
+    seals = meter.create_histogram(duration.name, duration.unit, duration.description)
+    pushed = Pushed()
+    stop = threading.Event()
+
+    def run() -> None:
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and not until() and time.monotonic() < deadline:
+            sessions.add(PUSHED_PER_SECOND, {"status": "success"})
+            sessions.add(PUSHED_PER_SECOND, {"status": "failure"})
+            for _ in range(PUSHED_PER_SECOND):
+                seals.record(0.05, {"operation": "encrypt"})
+            stop.wait(1)
+        provider.shutdown()  # its last export included
+        pushed.stopped = time.time()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield pushed
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
 # --- the test ---------------------------------------------------------------------------------
 
 
@@ -513,12 +602,21 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
                 tmp_path,
                 {JOB: [a.metrics, b.metrics, c.metrics]},
                 remote_write=False,
+                otlp=True,
                 rule_files=fast_rule_files(tmp_path / "rules"),
                 extra_config={
                     "alerting": {
                         "alertmanagers": [{"static_configs": [{"targets": [manager.address]}]}]
                     }
                 },
+            )
+        )
+        pushed = stack.enter_context(
+            failing_sessions_and_slow_sealing(
+                prometheus.otlp_url + "/v1/metrics",
+                until=lambda: all(
+                    any(n.firing() for n in hook.received(alertname)) for alertname in PUSHED
+                ),
             )
         )
         traffic_a = stack.enter_context(traffic(tmp_path, a))
@@ -651,6 +749,29 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
                 since=stopped,
                 timeout=60,
             )
+        # The plan's other two alerts, from the pushed samples: each notified firing, with its
+        # severity, summary and runbook entry, on the route its severity takes, and resolved
+        # once the pushing stopped (it stops as soon as both have been notified firing).
+        services.wait_for(lambda: pushed.stopped, what="the pushing to stop")
+        for alertname, (severity, route) in PUSHED.items():
+            fired = hook.wait(f"{alertname} firing", alertname, lambda n: bool(n.firing()))
+            assert fired.received <= pushed.stopped
+            assert fired.route == route
+            assert fired.body["groupLabels"] == {"alertname": alertname}
+            [alert] = fired.body["alerts"]
+            assert alert["labels"]["severity"] == severity, alert
+            summary = rules[alertname][0]["annotations"]["summary"]
+            assert alert["annotations"]["summary"] == summary, alert
+            assert alert["annotations"]["runbook_url"] == RUNBOOK_URL + alertname.lower(), alert
+            resolved = hook.wait(
+                f"{alertname} resolved",
+                alertname,
+                lambda n: n.body["status"] == "resolved",
+                since=pushed.stopped,
+                timeout=90,
+            )
+            assert [x["status"] for x in resolved.body["alerts"]] == ["resolved"]
+            assert resolved.body["alerts"][0]["fingerprint"] == alert["fingerprint"]
         # SageAgentDown still fires for b, which is still down.
         assert firing_in_prometheus(prometheus, "SageAgentDown", b.metrics)
 
