@@ -743,9 +743,10 @@ def test_queries_run_unchanged_on_thanos(
         assert scraped and not stored, measurement
         return
     if "sage_server_requests_total" in measurement and not scraped:
-        # The tier's agents are clients: where they serve no requests of a kind, an SLI over
-        # served requests has no denominator and answers nothing, on either path alike.
-        assert not stored, measurement
+        # An SLI over served requests is guarded by `total > 0`: where the window holds
+        # (almost) no requests of its kind, one path's samples can just catch a last increase
+        # that the other's miss. Then the two agree that nothing failed: no data, or 0.
+        assert all(value == 0 for value in stored.values()), (measurement, stored)
         return
     assert scraped, f"no data from the scrape for {measurement}"
     assert stored, f"no data from Thanos for {measurement}"
