@@ -20,14 +20,13 @@ import pytest
 
 from sage_otel.telemetry.catalog import BY_PROMETHEUS_NAME, OTHER, Instrument, Kind
 from tests.e2e import services as e2e_services
+from tests.e2e.promql import RUNBOOK_URL, runbook_anchors
 from tools.queries import BY_QUERY_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "collector" / "prometheus"
 RULES = PROMETHEUS_DIR / "alerts" / "sage-alerts.yml"
 RULE_TESTS = PROMETHEUS_DIR / "tests" / "sage-alerts.test.yml"
-RUNBOOK = REPO / "docs" / "runbook.md"
-RUNBOOK_URL = "https://github.com/sage-otel/sage-otel/blob/main/docs/runbook.md#"
 
 # The monitoring plan's §5.1: name -> (for, severity, threshold as written in the plan).
 PLAN_ALERTS = {
@@ -305,17 +304,6 @@ def seconds(duration: str) -> float:
     if not parts or "".join(n + u for n, u in parts) != duration:
         raise ValueError(f"not a duration: {duration!r}")
     return sum(int(n) * units[u] for n, u in parts)
-
-
-def runbook_anchors() -> set[str]:
-    """GitHub's anchors for the runbook's headings."""
-    anchors = set()
-    for line in RUNBOOK.read_text(encoding="utf-8").splitlines():
-        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
-        if heading:
-            text = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower())
-            anchors.add(text.replace(" ", "-"))
-    return anchors
 
 
 def test_the_plans_alerts_exist_with_its_for_severity_and_threshold() -> None:

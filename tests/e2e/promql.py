@@ -8,7 +8,10 @@ from pathlib import Path
 
 import yaml
 
-ALERTS = Path(__file__).resolve().parents[2] / "collector" / "prometheus" / "alerts"
+REPO = Path(__file__).resolve().parents[2]
+ALERTS = REPO / "collector" / "prometheus" / "alerts"
+RUNBOOK = REPO / "docs" / "runbook.md"
+RUNBOOK_URL = "https://github.com/sage-otel/sage-otel/blob/main/docs/runbook.md#"
 # Alerts on the collector's own telemetry: measured in test_collector.py and
 # test_pipeline_trust.py, where one runs.
 COLLECTOR_ALERTS = frozenset({"TelemetryExportFailures", "TelemetryRejected", "CollectorDown"})
@@ -81,3 +84,14 @@ def measured(expr: str) -> str:
     if expr.startswith("absent(") and expr.endswith(")"):
         return expr[len("absent(") : -1]
     return expr
+
+
+def runbook_anchors() -> set[str]:
+    """GitHub's anchors for the runbook's headings."""
+    anchors = set()
+    for line in RUNBOOK.read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            text = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower())
+            anchors.add(text.replace(" ", "-"))
+    return anchors

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,3 +209,34 @@ def thanos_query(
             process, ready, what="thanos query", log_path=log_path, timeout=ready_timeout
         )
         yield query
+
+
+INGESTION_AGENT = REPO / "tests" / "e2e" / "ingestion_agent.py"
+
+
+def start_ingestion_agent(
+    args: Sequence[str], env: dict[str, str], cwd: Path
+) -> subprocess.Popen[str]:
+    """tests/e2e/ingestion_agent.py with ``args``: it prints "ready", waits for a line on
+    stdin, runs its traffic and prints its JSON summary (read them with ``read_line``)."""
+    return subprocess.Popen(
+        [sys.executable, str(INGESTION_AGENT), *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def read_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The process's next stdout line, or a failure if it prints none within ``timeout``."""
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if selector.select(timeout=1):
+            return process.stdout.readline()
+    raise AssertionError(f"the agent printed nothing (exit status {process.poll()})")

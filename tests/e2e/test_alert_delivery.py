@@ -77,13 +77,11 @@ from sage_otel.telemetry import catalog
 from tools import services as _services
 
 from . import services
-from .promql import ALERTS
+from .promql import ALERTS, RUNBOOK_URL, runbook_anchors
 
 pytestmark = pytest.mark.e2e
 
 ALERTMANAGER_CONFIG = services.REPO / "collector" / "alertmanager" / "alertmanager.yml"
-RUNBOOK = services.REPO / "docs" / "runbook.md"
-RUNBOOK_URL = "https://github.com/sage-otel/sage-otel/blob/main/docs/runbook.md#"
 RECEIVER = "sage-notify"
 JOB = "sage-agent"  # the agents' scrape job in collector/prometheus/prometheus.yml
 SPEEDUP = 10
@@ -181,16 +179,6 @@ def config_for(webhook_url: str) -> str:
             if key in route:
                 route[key] = TIMERS[key, route[key]]
     return yaml.safe_dump(config, sort_keys=False)
-
-
-def runbook_anchors() -> set[str]:
-    anchors = set()
-    for line in RUNBOOK.read_text(encoding="utf-8").splitlines():
-        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
-        if heading:
-            text = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower())
-            anchors.add(text.replace(" ", "-"))
-    return anchors
 
 
 def shipped_rules() -> dict[str, list[dict[str, Any]]]:

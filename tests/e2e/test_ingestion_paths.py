@@ -27,10 +27,8 @@ import json
 import math
 import os
 import re
-import selectors
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +47,6 @@ from .services import Prometheus
 
 pytestmark = pytest.mark.e2e
 
-AGENT = Path(__file__).with_name("ingestion_agent.py")
 TRAFFIC_SECONDS = 30
 REFERENCE = "scrape-openmetrics"
 SCRAPES = {"scrape-text": "PrometheusText0.0.4", "scrape-openmetrics": "OpenMetricsText1.0.0"}
@@ -110,18 +107,6 @@ def _rule_files(directory: Path) -> list[Path]:
     return copies
 
 
-def _read_line(agent: subprocess.Popen[str], timeout: float) -> str:
-    """The agent's next stdout line ("ready", then its JSON summary)."""
-    assert agent.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(agent.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and agent.poll() is None:
-        if selector.select(timeout=1):
-            return agent.stdout.readline()
-    raise AssertionError(f"the agent printed nothing (exit status {agent.poll()})")
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     tmp = tmp_path_factory.mktemp("ingestion-paths")
@@ -175,7 +160,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
         host, port = metrics_address.rsplit(":", 1)
         args = [
-            sys.executable, str(AGENT), "--duration", str(TRAFFIC_SECONDS),
+            "--duration", str(TRAFFIC_SECONDS),
             "--metrics-host", host, "--metrics-port", port,
             "--environment", ENVIRONMENT,
             "--otlp", via_otlp.otlp_http + "/v1/metrics",
@@ -183,17 +168,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             "--otlp", prometheus["agent-otlp"].otlp_url + "/v1/metrics",
         ]  # fmt: skip
         started = time.time()
-        agent = subprocess.Popen(
-            args,
-            env=env,
-            cwd=tmp,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        agent = services.start_ingestion_agent(args, env, tmp)
         try:
-            assert _read_line(agent, 60).strip() == "ready"
+            assert services.read_line(agent, 60).strip() == "ready"
             # Every series at zero on every path before any traffic.
             services.wait_for(
                 lambda: _settled(prometheus), timeout=30, what="every series on every path"
@@ -201,7 +178,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             assert agent.stdin is not None
             agent.stdin.write("go\n")
             agent.stdin.flush()
-            summary = json.loads(_read_line(agent, TRAFFIC_SECONDS + 60))
+            summary = json.loads(services.read_line(agent, TRAFFIC_SECONDS + 60))
             # Every path holds the agent's final values: identical snapshots, twice running.
             try:
                 reference = services.wait_for(

@@ -16,9 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -35,7 +32,6 @@ from .services import Collector, Prometheus
 
 pytestmark = pytest.mark.e2e
 
-AGENT = services.REPO / "tests" / "e2e" / "ingestion_agent.py"
 FORGER = "forger-1"
 FILTERED = "otelcol_processor_filter_datapoints_filtered"
 # Names a forger would use: Prometheus' own series and any other prefix.
@@ -49,17 +45,6 @@ class Pipeline:
     collector: Collector
     agent_instance: str
     filtered_after_agent: float
-
-
-def _read_line(agent: subprocess.Popen[str], timeout: float) -> str:
-    assert agent.stdout is not None
-    selector = selectors.DefaultSelector()
-    selector.register(agent.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and agent.poll() is None:
-        if selector.select(timeout=1):
-            return agent.stdout.readline()
-    raise AssertionError(f"the agent printed nothing (exit status {agent.poll()})")
 
 
 def _filtered(collector: Collector) -> float:
@@ -88,25 +73,17 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         )
         env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
         args = [
-            sys.executable, str(AGENT), "--duration", "3",
+            "--duration", "3",
             "--metrics-port", str(services.free_port()),
             "--otlp", collector.otlp_http + "/v1/metrics",
         ]  # fmt: skip
-        agent = subprocess.Popen(
-            args,
-            env=env,
-            cwd=tmp,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        agent = services.start_ingestion_agent(args, env, tmp)
         try:
-            assert _read_line(agent, 60).strip() == "ready"
+            assert services.read_line(agent, 60).strip() == "ready"
             assert agent.stdin is not None
             agent.stdin.write("go\n")
             agent.stdin.flush()
-            json.loads(_read_line(agent, 60))  # the traffic is over
+            json.loads(services.read_line(agent, 60))  # the traffic is over
             # Every export after the traffic carries its final values; wait for two.
             services.wait_for(
                 lambda: prometheus.query("sum(sage_handshakes_completed_total) > 0"),
