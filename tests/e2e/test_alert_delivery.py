@@ -692,7 +692,9 @@ def test_alerts_reach_the_receiver_grouped_routed_inhibited_and_resolved(
             'outcome="failed"}) > 0'
         )
         assert {x["metric"]["instance"] for x in failed} == {c.metrics}, failed
-        assert overload.refused["global_handshake_rate"] > overload.served > 0, overload
+        # The page may fire within the first few refusals (the windows are shortened): both
+        # kinds of answer were seen, whatever their tally at that moment.
+        assert overload.refused["global_handshake_rate"] > 0 and overload.served > 0, overload
         sli = prometheus.query('slo:sli_error:ratio_rate5m{sloth_id="sage-message-availability"}')
         assert [float(x["value"][1]) for x in sli] == [0.0], sli
         page = hook.wait(
