@@ -273,6 +273,57 @@ async def test_json_file_registry_survives_concurrent_registrations(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["registry.json", "registry.json.lock"]
 
 
+async def test_registrations_interleaved_with_rereads_keep_every_entry(tmp_path: Path) -> None:
+    """A re-read applied on the loop while a registration runs in its thread must not make
+    the write start from an empty file (which dropped every other DID: a demo's clients and
+    its server then answered each other unknown_did for the whole run)."""
+    path = tmp_path / "registry.json"
+    registry = JsonFileRegistry(path, reread_interval=0.0)
+    identities = [AgentIdentity.generate(c) for c in [Chain.ETHEREUM, Chain.SOLANA] * 100]
+    stop = asyncio.Event()
+
+    async def look_up() -> None:
+        while not stop.is_set():
+            await registry.lookup(identities[0].did)
+            await asyncio.sleep(0)
+
+    lookers = [asyncio.create_task(look_up()) for _ in range(3)]
+    try:
+        for identity in identities:
+            await register(registry, identity)
+    finally:
+        stop.set()
+        await asyncio.gather(*lookers)
+    reloaded = JsonFileRegistry(path)
+    assert [await reloaded.lookup(i.did) is not None for i in identities] == [True] * 200
+    assert [await registry.lookup(i.did) is not None for i in identities] == [True] * 200
+
+
+async def test_a_reread_that_fails_is_tried_again_without_a_new_change(tmp_path: Path) -> None:
+    """A read error must not mark the file as read: the DIDs it holds are found once it
+    reads again, though nobody writes it afterwards."""
+    path = tmp_path / "registry.json"
+    writer = JsonFileRegistry(path)
+    server = JsonFileRegistry(path, reread_interval=0.05)
+    newcomer = AgentIdentity.generate(Chain.SOLANA)
+    read_file = server._read_file
+    calls = 0
+
+    def failing_once(**kwargs: bool) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise PermissionError("registry.json")
+        return read_file(**kwargs)
+
+    server._read_file = failing_once  # type: ignore[method-assign]
+    doc = await register(writer, newcomer)
+    assert await server.lookup(newcomer.did) is None  # the read failed: not known yet
+    await asyncio.sleep(0.06)
+    assert await server.lookup(newcomer.did) == doc
+    assert calls == 2
+
+
 async def test_resolver_caches_within_ttl(clock) -> None:
     registry = CountingRegistry()
     identity = AgentIdentity.generate(Chain.SOLANA)

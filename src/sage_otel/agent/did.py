@@ -10,6 +10,7 @@ agents call: it caches positive answers for a TTL and refuses unknown and inacti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -17,6 +18,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable
@@ -225,6 +227,11 @@ class JsonFileRegistry(Registry):
         self.refused = 0  # entries of the file as last read that failed verification
         self.rolled_back = 0  # entries of the file as last read refused as rollbacks
         self._lock = asyncio.Lock()
+        # What a lookup reads (the table, its stamp, the rollback memory) is changed only
+        # under _state, by the loop (a re-read) or a writer's thread; _writes counts the
+        # writes begun and ended, so a re-read that overlapped one is discarded.
+        self._state = threading.Lock()
+        self._writes = 0
         self._docs: dict[DID, DIDDocument] = {}
         self._verified: dict[bytes, DIDDocument | None] = {}
         self._stamp: tuple[int, int, int] | None = None
@@ -248,10 +255,13 @@ class JsonFileRegistry(Registry):
             return None
         return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
-    def _read_file(self) -> tuple[tuple[int, int, int], list[bytes]] | None:
-        """The file's stamp and entries, or None if it is absent or unchanged."""
+    def _read_file(
+        self, *, changed_only: bool = True
+    ) -> tuple[tuple[int, int, int], list[bytes]] | None:
+        """The file's stamp and entries, or None if it is absent (or, ``changed_only``,
+        unchanged since the table was read)."""
         stamp = self._file_stamp()
-        if stamp is None or stamp == self._stamp:
+        if stamp is None or (changed_only and stamp == self._stamp):
             return None
         return stamp, _file_entries(self.path.read_bytes(), self.path)
 
@@ -285,8 +295,9 @@ class JsonFileRegistry(Registry):
         return _Snapshot(stamp, documents, by_did, verified, refused, newly_refused)
 
     def _read(self) -> _Snapshot | None:
-        """The file's verified content, read here and now (at start, and to write)."""
-        read = self._read_file()
+        """The file's verified content, read here and now (at start, and to write: whatever
+        the table's stamp says, a write must start from every entry the file holds)."""
+        read = self._read_file(changed_only=False)
         if read is None:
             return None
         steps = self._verify(*read)
@@ -355,14 +366,18 @@ class JsonFileRegistry(Registry):
 
     async def _reread(self) -> None:
         """Read in a worker thread, verify on the loop in slices; a file that cannot be
-        read keeps what was known (and is reported once)."""
+        read keeps what was known (reported once per version of the file, and read again
+        by a later lookup, as a changed file is). A reading that overlapped a write of this
+        registry is discarded: the write applied a newer one, and left the stamp for the
+        next lookup to read the file again."""
+        writes = self._writes
         try:
             read = await asyncio.to_thread(self._read_file)
         except (OSError, RegistryFileError) as error:
             stamp = self._file_stamp()
-            if stamp != self._stamp:
+            if stamp != self._failed_stamp:
                 _logger.warning("registry %s: not re-read: %s", self.path, error)
-            self._stamp = stamp
+            self._failed_stamp = stamp
             return
         if read is None:
             return
@@ -371,7 +386,9 @@ class JsonFileRegistry(Registry):
             try:
                 next(steps)
             except StopIteration as done:
-                self._apply(done.value)
+                with self._state:
+                    if self._writes == writes:
+                        self._apply(done.value)
                 return
             await asyncio.sleep(0)
 
@@ -436,25 +453,31 @@ class JsonFileRegistry(Registry):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{self.path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self._stamp = None
             snapshot = self._read()
-            if snapshot is not None:
-                self._apply(snapshot)
-            if self._rolls_back(document):
-                raise RegistrationError(
-                    "this registry saw the DID deactivated or these keys replaced",
-                    code="registration_rollback",
-                )
+            with self._state:
+                self._writes += 1
+                if snapshot is not None:
+                    self._apply(snapshot)
+                if self._rolls_back(document):
+                    raise RegistrationError(
+                        "this registry saw the DID deactivated or these keys replaced",
+                        code="registration_rollback",
+                    )
             entries = dict(snapshot.entries) if snapshot is not None else {}
             entries[document.did] = registration_entry(document, signature)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry-")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(registry_file_bytes(entries.values()))
-            os.replace(tmp, self.path)
-            # A re-read on the loop may apply an older reading meanwhile: it leaves the
-            # stamp behind, and the next lookup reads the file again.
-            self._docs = {**self._docs, document.did: self._admit(document) or document}
-            self._stamp = None
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(registry_file_bytes(entries.values()))
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            with self._state:
+                self._writes += 1
+                self._docs = {**self._docs, document.did: self._admit(document) or document}
+                self._stamp = None  # the next lookup reads what this write made
 
 
 def _keys(document: DIDDocument) -> tuple[KeyType, bytes, bytes]:
