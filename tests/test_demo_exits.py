@@ -366,3 +366,19 @@ def test_sdk_disabled_child_opens_no_metrics_port(demo) -> None:
     run.process.terminate()
     assert run.finish(timeout=15) == 0
     assert_clean(run)
+
+
+def test_demo_killed_leaves_no_child_and_no_key(demo) -> None:
+    """SIGKILL gives the demo no chance to stop its child or remove its directory: the child
+    ends by itself (its stdin, held by the demo, ends), and its key is no longer on disk."""
+    run = demo(*QUICK)
+    child = run.wait_running()
+    os.kill(run.process.pid, signal.SIGKILL)
+    run.finish()
+    deadline = time.monotonic() + 15
+    while processes_of(str(run.tmp)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_of(str(run.tmp)), f"server child {child} outlived the demo"
+    left = sorted(p.name for p in run.tmp.rglob("*") if p.is_file())
+    assert "server-identity.json" not in left
+    assert set(left) <= {"registry.json", "registry.json.lock"}  # public documents only

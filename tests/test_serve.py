@@ -371,6 +371,8 @@ def test_one_worker_serves_its_own_store_with_exemplars(tmp_path: Path) -> None:
             for t in ("text", "binary")
         )
         assert processed == run["messages_ok"] + run["sessions_closed"]
+        # The demo's clients end their sessions when the run ends: none is left active.
+        assert _metric(text, "sage_sessions_active") == 0
         content_type, open_metrics = fetch(metrics, accept="application/openmetrics-text")
         assert content_type.startswith("application/openmetrics-text")
         exemplars = [line for line in open_metrics.splitlines() if " # {" in line]

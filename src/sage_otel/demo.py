@@ -270,6 +270,11 @@ class Demo:
                 self.stats.messages_failed += 1
                 self.stats.unexpected_error(error)
             deadline = await self._pace(deadline)
+        # The run is over: end the session on the server too, as an agent that leaves does
+        # (a server the demo did not start would otherwise count it active until it idles out).
+        with contextlib.suppress(SageError):
+            await agent.close(conn)
+            self.stats.sessions_closed += 1
 
     async def _inject(self, agent: ClientAgent, conn: Connection, kind: str) -> None:
         """Send one deliberately bad message; the server must refuse it with the expected code."""
@@ -486,6 +491,8 @@ class ServerChild:
 
     def start(self, signals: Signals) -> None:
         """Start the child and wait for its first line; raises :class:`ServerStartError`."""
+        from .server import EXIT_WITH_PARENT_ENV
+
         config = self.config
         # The server ends a session where the clients do (as in one process), so sessions a
         # client stops using are not kept on the server until they go idle.
@@ -495,6 +502,7 @@ class ServerChild:
             "OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT": "parent",
             **os.environ,
             "SAGE_OTEL_SESSION_MAX_MESSAGES": str(config.session_max_messages),
+            EXIT_WITH_PARENT_ENV: "1",  # its stdin, held open here, ends with this process
         }
         with signals.deferred():  # the directory and the child, both known to stop()
             self.workdir = Path(tempfile.mkdtemp(prefix="sage-otel-demo-"))
@@ -507,7 +515,7 @@ class ServerChild:
             ]  # fmt: skip
             self.process = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=env,
@@ -534,6 +542,10 @@ class ServerChild:
         with self._lock:
             self._started = True
             self._early.clear()
+        # The child has read its key: it need not outlive it on disk, even if this process
+        # is killed before stop() could remove the directory.
+        with contextlib.suppress(OSError):
+            (self.workdir / "server-identity.json").unlink()
         config.server_url, config.server_did = fields["url"], fields["did"]
         config.registry_path = registry
         metrics = fields.get("metrics", "off")
@@ -609,7 +621,7 @@ class ServerChild:
                     process.wait()
             for pump in self._pumps:
                 pump.join(timeout=1)
-            for stream in (process.stdout, process.stderr):
+            for stream in (process.stdin, process.stdout, process.stderr):
                 with contextlib.suppress(OSError, ValueError):
                     stream.close()
         if self.workdir is not None:

@@ -33,6 +33,7 @@ metrics port for all workers) and runs uvicorn.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -259,6 +260,21 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+# Set by ``sage-otel demo`` for the server it starts: the demo holds the child's stdin open,
+# so its end (however the demo ended, SIGKILL included) reaches the child as end of file.
+EXIT_WITH_PARENT_ENV = "SAGE_OTEL_EXIT_WITH_STDIN"
+
+
+def _stop_at_end_of_stdin() -> None:
+    """Shut down as on SIGTERM once stdin ends: the parent that held it open is gone."""
+    import signal
+
+    with contextlib.suppress(OSError, ValueError):
+        while os.read(0, 4096):
+            pass
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _event_loop() -> str:
     """uvloop: several times the requests per second of asyncio's loop (performance.md)."""
     try:
@@ -369,6 +385,8 @@ def serve(
     # make that handler a clean exit, the contract for SIGTERM.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
+    if os.environ.pop(EXIT_WITH_PARENT_ENV, None) == "1":
+        threading.Thread(target=_stop_at_end_of_stdin, daemon=True).start()
     try:
         uvicorn.run(
             "sage_otel.server:create_app",
