@@ -368,17 +368,54 @@ def test_sdk_disabled_child_opens_no_metrics_port(demo) -> None:
     assert_clean(run)
 
 
-def test_demo_killed_leaves_no_child_and_no_key(demo) -> None:
+@pytest.mark.parametrize("when", ["starting", "running"])
+def test_demo_killed_leaves_no_child_and_no_key(demo, when: str) -> None:
     """SIGKILL gives the demo no chance to stop its child or remove its directory: the child
-    ends by itself (its stdin, held by the demo, ends), and its key is no longer on disk."""
+    ends by itself (its stdin, held by the demo, ends), and its key was never left on disk
+    (it removes the file once loaded), whether the demo dies while the child starts or runs."""
     run = demo(*QUICK)
-    child = run.wait_running()
+    if when == "starting":
+        child = run.child()
+        time.sleep(0.2)
+    else:
+        child = run.wait_running()
     os.kill(run.process.pid, signal.SIGKILL)
     run.finish()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 20
     while processes_of(str(run.tmp)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not processes_of(str(run.tmp)), f"server child {child} outlived the demo"
     left = sorted(p.name for p in run.tmp.rglob("*") if p.is_file())
     assert "server-identity.json" not in left
     assert set(left) <= {"registry.json", "registry.json.lock"}  # public documents only
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.5])
+def test_ctrl_c_while_loading_is_one_line(demo, delay: float) -> None:
+    run = demo(*QUICK)
+    time.sleep(delay)
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish() == 130
+    assert own_lines(run) == ["sage-otel demo: stopped by SIGINT\n"]
+    assert_clean(run)
+
+
+def test_second_signal_while_winding_down_is_one_line(demo) -> None:
+    """Many clients at full speed take a while to wind down: a second Ctrl-C then stops the
+    demo at once, with one line and none of the tasks and connections it abandons."""
+    run = demo(*QUICK, "--clients", "40", "--rate", "0")
+    run.wait_running()
+    run.process.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    run.process.send_signal(signal.SIGINT)
+    status = run.finish()
+    said = [line for line in own_lines(run) if " server agent metrics on " not in line]
+    text = "".join(said)
+    for noise in ("Traceback", "Task", "Unclosed", "Error"):
+        assert noise not in text, text
+    if status == 130:
+        assert said == ["sage-otel demo: stopped by SIGINT\n"]
+    else:  # the second signal came once the clean-up had begun: ignored, as documented
+        assert status == 0, text
+        run.summary()
+    assert_clean(run)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,11 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sage_otel.agent.did as did_module
 from sage_otel.agent.did import (
     DIDDocument,
     DIDResolver,
     InMemoryRegistry,
     JsonFileRegistry,
+    registration_entry,
+    registry_file_bytes,
     sign_registration,
 )
 from sage_otel.agent.encoding import b64url
@@ -599,3 +603,85 @@ async def test_restoring_an_older_signed_entry_does_not_roll_back_a_running_regi
         assert refused.value.code == "registration_rollback"
     # The limit: a process started now trusts the file as it finds it.
     assert await JsonFileRegistry(path).lookup(victim.did) == original
+
+
+@pytest.mark.parametrize("swap", ["fifo", "device", "oversized", "oversized_hand_edited"])
+async def test_a_file_swapped_for_what_cannot_be_read_safely_keeps_the_table(
+    tmp_path: Path, swap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer of the file replaces it by a symlink to a FIFO (a read would block for ever,
+    and SIGTERM with it), to /dev/zero (a read would fill memory), or by a file too large to
+    read (or to parse whole) in bounded time: each is refused at once, what was known stays,
+    and once the file is restored a DID registered meanwhile is found."""
+    monkeypatch.setattr(did_module, "MAX_FILE_BYTES", 64 * 1024)
+    monkeypatch.setattr(did_module, "MAX_PARSED_BYTES", 8 * 1024)
+    path = tmp_path / "registry.json"
+    writer = JsonFileRegistry(path)
+    known = await register(writer, AgentIdentity.generate(Chain.SOLANA))
+    server = JsonFileRegistry(path, reread_interval=0.0)
+    saved = path.read_bytes()
+    path.unlink()
+    if swap == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        path.symlink_to(tmp_path / "fifo")
+    elif swap == "device":
+        path.symlink_to("/dev/zero")
+    elif swap == "oversized":
+        path.write_bytes(saved.replace(b"\n]}", b"\n" + b" " * 70_000 + b"]}"))
+    else:  # valid JSON in another layout, parsed whole: a tighter bound
+        path.write_text(json.dumps(json.loads(saved), indent=8) + " " * 9_000)
+    stranger = AgentIdentity.generate(Chain.ETHEREUM)
+    assert await asyncio.wait_for(server.lookup(stranger.did), 5) is None
+    assert await asyncio.wait_for(server.lookup(known.did), 5) == known
+    path.unlink()
+    path.write_bytes(saved)
+    newcomer = await register(writer, AgentIdentity.generate(Chain.SOLANA))
+    assert await asyncio.wait_for(server.lookup(newcomer.did), 5) == newcomer
+    assert await asyncio.wait_for(server.lookup(known.did), 5) == known
+
+
+async def test_a_line_repeated_in_the_file_is_verified_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "registry.json"
+    identity = AgentIdentity.generate(Chain.SOLANA)
+    doc = document(identity)
+    entry = registration_entry(doc, sign_registration(identity, doc))
+    path.write_bytes(registry_file_bytes([entry] * 500))
+    verified = did_module._verified_entry
+    calls = 0
+
+    def counting(entry: bytes) -> DIDDocument | None:
+        nonlocal calls
+        calls += 1
+        return verified(entry)
+
+    monkeypatch.setattr(did_module, "_verified_entry", counting)
+    registry = JsonFileRegistry(path)
+    assert await registry.lookup(doc.did) == doc
+    assert calls == 1
+
+
+async def test_a_known_did_does_not_wait_behind_a_slow_reread(tmp_path: Path) -> None:
+    """A re-read that takes long (a big file, a slow disk) holds up lookups that miss, not
+    those of DIDs already in the table: they are answered from it at once."""
+    path = tmp_path / "registry.json"
+    writer = JsonFileRegistry(path)
+    known = await register(writer, AgentIdentity.generate(Chain.SOLANA))
+    server = JsonFileRegistry(path, reread_interval=0.05)
+    read_file = server._read_file
+
+    def slow(**kwargs: bool) -> object:
+        time.sleep(1.5)
+        return read_file(**kwargs)
+
+    server._read_file = slow  # type: ignore[method-assign]
+    await register(writer, AgentIdentity.generate(Chain.SOLANA))  # the file changed
+    stranger = asyncio.create_task(server.lookup(AgentIdentity.generate(Chain.SOLANA).did))
+    await asyncio.sleep(0.2)  # the slow re-read is running; later ones queue behind it
+    for _ in range(3):
+        started = time.monotonic()
+        assert await server.lookup(known.did) == known
+        assert time.monotonic() - started < 0.5
+        await asyncio.sleep(0.1)
+    assert await stranger is None

@@ -366,10 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     prepare = _prepare_serve if args.command == "serve" else _prepare_demo
     try:
         run = prepare(args)
+        return run()
     except BadInput as error:
         print(f"sage-otel {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return run()
+    except KeyboardInterrupt:  # Ctrl-C before the command's own signal handling is in place
+        print(f"sage-otel {args.command}: stopped by SIGINT", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import itertools
 import json
+import logging
 import os
 import queue
 import shutil
@@ -277,8 +278,8 @@ class Demo:
             self.stats.sessions_closed += 1
 
     async def _inject(self, agent: ClientAgent, conn: Connection, kind: str) -> None:
-        """Send one deliberately bad message; the server must refuse it with the expected code."""
-        self.stats.injected[kind] += 1
+        """Send one deliberately bad message; the server must refuse it with the expected code.
+        It counts as injected once answered (a run that ends meanwhile does not count it)."""
         if kind == "replay":
             body = agent.message_envelope(conn, "replay me")
             agent.open_reply(conn, await agent.post(conn.base_url, body))
@@ -290,10 +291,12 @@ class Demo:
         except PeerError as error:
             if error.code not in EXPECTED_CODES[kind]:
                 raise
+            self.stats.injected[kind] += 1
             self.stats.messages_failed += 1
             if kind == "replay":
                 self.stats.replays_rejected += 1
             return
+        self.stats.injected[kind] += 1
         raise SageError(f"server accepted an injected {kind} message", code=f"accepted_{kind}")
 
     @staticmethod
@@ -453,6 +456,9 @@ class Signals:
             self._stopping = True
             self._on_stop()
             return
+        # Stopping at once: the tasks and connections left behind are no news (asyncio would
+        # log each one as it is collected); the one line is main()'s.
+        logging.getLogger("asyncio").disabled = True
         raise Interrupted(signum)
 
 
@@ -463,8 +469,10 @@ class ServerStartError(Exception):
 class ServerChild:
     """``sage-otel serve`` for the default (``--fast``) demo, in its own process group.
 
-    Its identity key (and the registry, unless ``--registry`` names one) live in a private
-    temporary directory that :meth:`stop` removes. After its first line, the child's output
+    It creates its identity in a private temporary directory and removes the file as soon
+    as it has loaded it (``DEMO_CHILD_ENV``: the key never outlives the child on disk); the
+    registry, unless ``--registry`` names one, lives there too, and :meth:`stop` removes the
+    directory. After its first line, the child's output
     is read by two threads so that it never blocks on a full pipe: stdout goes on to the
     demo's stdout (the console exporters' spans under ``opentelemetry-instrument``), a whole
     top-level block at a time so that the two processes' JSON never interleaves; stderr goes
@@ -491,7 +499,7 @@ class ServerChild:
 
     def start(self, signals: Signals) -> None:
         """Start the child and wait for its first line; raises :class:`ServerStartError`."""
-        from .server import EXIT_WITH_PARENT_ENV
+        from .server import DEMO_CHILD_ENV
 
         config = self.config
         # The server ends a session where the clients do (as in one process), so sessions a
@@ -502,7 +510,7 @@ class ServerChild:
             "OTEL_PYTHON_SAGE_INBOUND_TRACE_CONTEXT": "parent",
             **os.environ,
             "SAGE_OTEL_SESSION_MAX_MESSAGES": str(config.session_max_messages),
-            EXIT_WITH_PARENT_ENV: "1",  # its stdin, held open here, ends with this process
+            DEMO_CHILD_ENV: "1",  # a throwaway key; its stdin, held open here, ends with us
         }
         with signals.deferred():  # the directory and the child, both known to stop()
             self.workdir = Path(tempfile.mkdtemp(prefix="sage-otel-demo-"))
@@ -542,10 +550,6 @@ class ServerChild:
         with self._lock:
             self._started = True
             self._early.clear()
-        # The child has read its key: it need not outlive it on disk, even if this process
-        # is killed before stop() could remove the directory.
-        with contextlib.suppress(OSError):
-            (self.workdir / "server-identity.json").unlink()
         config.server_url, config.server_did = fields["url"], fields["did"]
         config.registry_path = registry
         metrics = fields.get("metrics", "off")

@@ -199,7 +199,7 @@ def create_app() -> Any:
     from starlette.routing import Route
 
     validate_limits()  # under a plain ASGI server too: refuse to start rather than serve badly
-    identity = load_identity(
+    identity = _served_identity or load_identity(
         os.environ.get(IDENTITY_ENV) or "sage-identity.json", os.environ.get(CHAIN_ENV, "solana")
     )
     telemetry = _telemetry()  # under `sage-otel serve --workers 1`: the one it set up
@@ -260,9 +260,12 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-# Set by ``sage-otel demo`` for the server it starts: the demo holds the child's stdin open,
-# so its end (however the demo ended, SIGKILL included) reaches the child as end of file.
-EXIT_WITH_PARENT_ENV = "SAGE_OTEL_EXIT_WITH_STDIN"
+# Set by ``sage-otel demo`` for the one-worker server it starts and owns. Its identity is
+# throwaway: the file is removed as soon as it is loaded, so the key is never left on disk
+# whatever ends the demo. The demo holds the child's stdin open, so the demo's end (SIGKILL
+# included) reaches the child as end of file, and the child shuts down as on SIGTERM.
+DEMO_CHILD_ENV = "SAGE_OTEL_DEMO_CHILD"
+_served_identity: AgentIdentity | None = None  # a demo child's, for its in-process app
 
 
 def _stop_at_end_of_stdin() -> None:
@@ -325,7 +328,12 @@ def serve(
     except (IdentityFileError, OSError, ValueError, SageError) as error:
         print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
         return 2
-    if created:  # never silently: the file holds the agent's private keys
+    demo_child = os.environ.pop(DEMO_CHILD_ENV, None) == "1" and workers == 1
+    if demo_child:  # the key stays in this process only; the app below takes it from here
+        global _served_identity
+        _served_identity = identity
+        Path(identity_path).unlink(missing_ok=True)
+    elif created:  # never silently: the file holds the agent's private keys
         print(f"sage-otel serve: created identity {identity_path} (mode 0600)", file=sys.stderr)
     url = f"http://{host}:{port}"
     os.environ[IDENTITY_ENV] = str(Path(identity_path).resolve())
@@ -385,7 +393,7 @@ def serve(
     # make that handler a clean exit, the contract for SIGTERM.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
-    if os.environ.pop(EXIT_WITH_PARENT_ENV, None) == "1":
+    if demo_child:
         threading.Thread(target=_stop_at_end_of_stdin, daemon=True).start()
     try:
         uvicorn.run(

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -182,6 +183,11 @@ class _Snapshot:
 
 
 VERIFY_SLICE = 0.002  # seconds of verification between two turns of the event loop
+# The largest registry file read (about 170,000 entries), and the largest in another JSON
+# layout (edited by hand), which is parsed whole while holding the interpreter: a writer of
+# the file must not be able to exhaust memory or stall the event loop through it.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_PARSED_BYTES = 4 * 1024 * 1024
 
 
 class JsonFileRegistry(Registry):
@@ -263,7 +269,8 @@ class JsonFileRegistry(Registry):
         stamp = self._file_stamp()
         if stamp is None or (changed_only and stamp == self._stamp):
             return None
-        return stamp, _file_entries(self.path.read_bytes(), self.path)
+        stamp, data = _read_regular_file(self.path)
+        return stamp, _file_entries(data, self.path)
 
     def _verify(
         self, stamp: tuple[int, int, int], entries: list[bytes]
@@ -278,7 +285,9 @@ class JsonFileRegistry(Registry):
         deadline = time.perf_counter() + VERIFY_SLICE
         for entry in entries:
             digest = hashlib.sha256(entry).digest()
-            if digest in known:
+            if digest in verified:  # a line repeated in this reading
+                document = verified[digest]
+            elif digest in known:
                 document = known[digest]
             else:
                 document = _verified_entry(entry)
@@ -396,7 +405,10 @@ class JsonFileRegistry(Registry):
         document = self._docs.get(did)
         if self._file_stamp() == self._stamp:
             return document
-        if document is None or time.monotonic() >= self._last_reread + self.reread_interval:
+        running = self._running is not None and not self._running.done()
+        if document is None or (
+            not running and time.monotonic() >= self._last_reread + self.reread_interval
+        ):
             await self._refresh()
             return self._docs.get(did)
         self._schedule_reread()  # a re-read ran moments ago: answer now, refresh behind
@@ -495,6 +507,27 @@ def registry_file_bytes(entries: Iterable[bytes]) -> bytes:
     return b"%s\n%s\n%s\n" % (_HEADER, b",\n".join(entries), _FOOTER)
 
 
+def _read_regular_file(path: Path) -> tuple[tuple[int, int, int], bytes]:
+    """The file's stamp and bytes, both from the one file opened: never blocking on what is
+    not a regular file (a FIFO, a device), and at most :data:`MAX_FILE_BYTES` of it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise RegistryFileError(f"{path}: not a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise RegistryFileError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB")
+        chunks, size = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise RegistryFileError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return (info.st_mtime_ns, info.st_size, info.st_ino), b"".join(chunks)
+
+
 def _file_entries(data: bytes, path: Path) -> list[bytes]:
     """The registrations in a registry file, each as bytes to hash and verify.
 
@@ -506,6 +539,11 @@ def _file_entries(data: bytes, path: Path) -> list[bytes]:
         return [line.removesuffix(b",") for line in lines[1:-1] if line]
     if not data.strip():
         return []
+    if len(data) > MAX_PARSED_BYTES:
+        raise RegistryFileError(
+            f"{path}: larger than {MAX_PARSED_BYTES >> 20} MiB and not one entry a line, as "
+            "sage-otel writes it"
+        )
     try:
         raw = json.loads(data)
     except (ValueError, RecursionError) as exc:
