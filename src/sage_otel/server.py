@@ -298,30 +298,16 @@ def serve(
     registry_path: str | None,
     chain: str = "solana",
 ) -> int:
-    """Run the server agent with ``workers`` processes; 0 on SIGTERM, 2 when it cannot start."""
+    """Run the server agent with ``workers`` processes; 0 on SIGTERM, 2 when it cannot start.
+
+    The command line has checked every flag and variable first (``cli._prepare_serve``:
+    limits, web config, ports, files); what can still fail here (a port taken meanwhile, an
+    identity file that cannot be written) is one line and 2."""
     import asyncio
 
-    from .telemetry.web import WEB_CONFIG_ENV, check_web_config
+    from .telemetry.web import WEB_CONFIG_ENV
 
     web_config = os.environ.get(WEB_CONFIG_ENV) or None
-    try:  # every check before the first side effect (the identity file)
-        validate_limits()
-        if web_config:
-            check_web_config(web_config)
-    except (OSError, ValueError) as error:
-        print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
-        return 2
-    from .preflight import BadInput, check_bindable
-    from .telemetry.setup import sdk_disabled
-
-    try:
-        check_bindable("agent", host, port, "--port", "--host")
-        if not sdk_disabled() and not auto_instrumented():  # else it opens no /metrics port
-            metrics_flags = ("--metrics-port", "--metrics-host")
-            check_bindable("metrics", metrics_host, metrics_port, *metrics_flags, ipv4_only=True)
-    except BadInput as error:
-        print(f"sage-otel serve: cannot start: {error}", file=sys.stderr)
-        return 2
     created = not Path(identity_path).exists()
     try:
         identity = load_identity(identity_path, chain)
