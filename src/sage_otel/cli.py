@@ -132,14 +132,14 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         type=_positive_int,
         default=4,
         metavar="N",
-        help="client agents to run (default: 4)",
+        help="client agents to run (default: %(default)s)",
     )
     demo.add_argument(
         "--rate",
         type=_non_negative,
         default=20.0,
         metavar="R",
-        help="messages per second per client; 0 = as fast as possible (default: 20)",
+        help="messages per second per client; 0 = as fast as possible (default: %(default)g)",
     )
     demo.add_argument(
         "--json",
@@ -150,7 +150,7 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "--host",
         type=_type(_host),
         default="127.0.0.1",
-        help="address of the server agent the demo starts (default: 127.0.0.1)",
+        help="address of the server agent the demo starts (default: %(default)s)",
     )
     demo.add_argument(
         "--port",
@@ -226,21 +226,21 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "--host",
         type=_type(_host),
         default="127.0.0.1",
-        help="address to serve the agent on (default: 127.0.0.1)",
+        help="address to serve the agent on (default: %(default)s)",
     )
     serve.add_argument(
         "--port",
         type=_port,
         default=8080,
         metavar="P",
-        help="port of the agent (default: 8080)",
+        help="port of the agent (default: %(default)s)",
     )
     serve.add_argument(
         "--workers",
         type=_positive_int,
         default=1,
         metavar="N",
-        help="worker processes sharing the port (default: 1)",
+        help="worker processes sharing the port (default: %(default)s)",
     )
     serve.add_argument(
         "--metrics-host",
@@ -274,7 +274,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         "--chain",
         type=_type(_chain),
         default="solana",
-        help="chain of a new identity: solana or ethereum (default: solana)",
+        help="chain of a new identity: solana or ethereum (default: %(default)s)",
     )
 
 
