@@ -81,6 +81,12 @@ FLAGS: dict[str, dict[str, Case]] = {
             ("--registry", "{inputs}/unsigned.json"), names=("--registry", "unsigned.json")
         ),
         "registry-directory": Case(("--registry", "{inputs}"), names=("--registry",)),
+        "registry-fifo": Case(
+            ("--registry", "{inputs}/fifo.json"), names=("--registry", "not a regular file")
+        ),
+        "registry-huge": Case(
+            ("--registry", "{inputs}/huge.json"), names=("--registry", "huge.json", "MiB")
+        ),
         "unknown-flag": Case(("--bogus",), names=("--bogus",)),
         "prometheus-port-busy": Case(
             env={"OTEL_EXPORTER_PROMETHEUS_PORT": "{busy}"},
@@ -221,6 +227,9 @@ def inputs(tmp_path: Path) -> Path:
     (folder / "hostname").chmod(0o644)  # what a user's ordinary file looks like
     (folder / "broken.json").write_text('{"version": 2,\n "documents": [\n  {oops}\n]}\n')
     (folder / "list.json").write_text("[1, 2]\n")
+    os.mkfifo(folder / "fifo.json")  # reading it would block for ever
+    with open(folder / "huge.json", "wb") as huge:  # sparse: 65 MiB that take no disk
+        huge.truncate(65 * 1024 * 1024)
     (folder / "unsigned.json").write_text(UNSIGNED_REGISTRY)
     (folder / "web.yml").write_text("tls_server_config: [\n")
     return folder

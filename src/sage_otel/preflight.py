@@ -344,22 +344,26 @@ def check_registry_file(path: str, flag: str = "--registry") -> None:
     if not file.is_file():
         raise BadInput(f"{flag} {path} is not a registry file (not a regular file)")
     try:
-        data = file.read_bytes()
-    except OSError as error:
-        raise BadInput(f"{flag} {path}: cannot read it: {error.strerror or error}") from None
-    if data.strip():
-        try:
-            json.loads(data)
-        except json.JSONDecodeError as error:
-            raise BadInput(f"{flag} {path}, line {error.lineno}: not JSON ({error.msg})") from None
-        except (ValueError, RecursionError):
-            raise BadInput(f"{flag} {path}: not a JSON registry file") from None
-    try:
-        JsonFileRegistry(file)
+        JsonFileRegistry(file)  # reads at most what a running registry would
     except RegistryFileError as error:
-        raise BadInput(f"{flag} {error}") from None
+        raise BadInput(f"{flag} {_json_error(file) or error}") from None
     except OSError as error:
         raise BadInput(f"{flag} {path}: cannot read it: {error.strerror or error}") from None
+
+
+def _json_error(file: Path) -> str | None:
+    """Where a registry file stops being JSON (its line), if that is what is wrong with it
+    and it is small enough to read here."""
+    from .agent.did import MAX_FILE_BYTES
+
+    try:
+        if file.stat().st_size <= MAX_FILE_BYTES:
+            json.loads(file.read_bytes())
+    except json.JSONDecodeError as error:
+        return f"{file}, line {error.lineno}: not JSON ({error.msg})"
+    except (OSError, ValueError, RecursionError):
+        pass
+    return None
 
 
 # --- a server to drive ------------------------------------------------------------------------
