@@ -419,3 +419,24 @@ def test_second_signal_while_winding_down_is_one_line(demo) -> None:
         assert status == 0, text
         run.summary()
     assert_clean(run)
+
+
+def test_signals_after_the_summary_change_nothing(demo) -> None:
+    """Once the summary is out the status is decided: Ctrl-C pressed again and again while
+    the process exits neither kills it by the signal nor adds a line."""
+    run = demo("--duration", "2", "--json", "--metrics-port", "0")
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("{") for line in run.stdout):
+        assert time.monotonic() < deadline and run.process.poll() is None, run.stderr
+        time.sleep(0.001)
+    sent = 0
+    while run.process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            run.process.send_signal(signal.SIGINT)
+            sent += 1
+        time.sleep(0.002)
+    assert run.finish() == 0, (sent, run.stderr)
+    said = [line for line in own_lines(run) if " server agent metrics on " not in line]
+    assert not [line for line in said if "SIGINT" in line or "Traceback" in line], said
+    run.summary()
+    assert_clean(run)

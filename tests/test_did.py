@@ -308,7 +308,7 @@ async def test_a_reread_that_fails_is_tried_again_without_a_new_change(tmp_path:
     reads again, though nobody writes it afterwards."""
     path = tmp_path / "registry.json"
     writer = JsonFileRegistry(path)
-    server = JsonFileRegistry(path, reread_interval=0.05)
+    server = JsonFileRegistry(path, reread_interval=0.05, failed_retry=0.05)
     newcomer = AgentIdentity.generate(Chain.SOLANA)
     read_file = server._read_file
     calls = 0
@@ -541,7 +541,7 @@ async def test_a_failing_background_reread_is_logged_once_and_retried(
     writer = JsonFileRegistry(path)
     victim = AgentIdentity.generate(Chain.SOLANA)
     doc = await register(writer, victim)
-    server = JsonFileRegistry(path, reread_interval=0.05)
+    server = JsonFileRegistry(path, reread_interval=0.05, failed_retry=0.05)
     read_file = server._read_file
 
     def broken() -> None:
@@ -685,3 +685,36 @@ async def test_a_known_did_does_not_wait_behind_a_slow_reread(tmp_path: Path) ->
         assert time.monotonic() - started < 0.5
         await asyncio.sleep(0.1)
     assert await stranger is None
+
+
+async def test_a_version_of_the_file_that_failed_is_not_read_at_every_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that is costly to refuse (here: more entries than the bound) is refused once,
+    then left alone for ``failed_retry`` seconds however many lookups miss; a newer version
+    of the file is read at once."""
+    monkeypatch.setattr(did_module, "MAX_ENTRIES", 10)
+    path = tmp_path / "registry.json"
+    writer = JsonFileRegistry(path)
+    known = await register(writer, AgentIdentity.generate(Chain.SOLANA))
+    server = JsonFileRegistry(path, reread_interval=0.01)
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b"\n]}", b"\n" * 20 + b"]}"))
+    read_file, reads = server._read_file, 0
+
+    def counting(**kwargs: bool) -> object:
+        nonlocal reads
+        reads += 1
+        return read_file(**kwargs)
+
+    server._read_file = counting  # type: ignore[method-assign]
+    for _ in range(10):
+        assert await server.lookup(AgentIdentity.generate(Chain.ETHEREUM).did) is None
+        await asyncio.sleep(0.02)
+    assert reads == 1
+    assert await server.lookup(known.did) == known
+    path.unlink()
+    path.write_bytes(good)  # a newer version: read at once
+    newcomer = await register(writer, AgentIdentity.generate(Chain.SOLANA))
+    assert await server.lookup(newcomer.did) == newcomer
+    assert reads == 2

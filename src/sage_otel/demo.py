@@ -407,7 +407,8 @@ class Signals:
 
     WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal closed
 
-    def __init__(self) -> None:
+    def __init__(self, *, ignore_after: bool = False) -> None:
+        self._ignore_after = ignore_after  # on leaving, ignore them instead of restoring
         self._previous: dict[int, Any] = {}
         self._on_stop: Callable[[], None] | None = None
         self._stopping = False
@@ -423,7 +424,7 @@ class Signals:
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self._ignore_after else handler)
 
     def on_stop(self, callback: Callable[[], None] | None) -> None:
         """What the first signal does while the run is on (None: the run is over)."""
@@ -802,7 +803,9 @@ def main(config: DemoConfig, *, as_json: bool) -> int:
     ``STOP_GRACE``) and removes its temporary directory."""
     live = not as_json and sys.stdout.isatty()
     telemetry = child = None
-    with Signals() as signals:
+    # The process ends with main(): a signal after the clean-up must not turn the status it
+    # has decided (and the line it printed) into a death by that signal.
+    with Signals(ignore_after=True) as signals:
         try:
             try:
                 telemetry = _start_telemetry(config)

@@ -188,6 +188,7 @@ VERIFY_SLICE = 0.002  # seconds of verification between two turns of the event l
 # the file must not be able to exhaust memory or stall the event loop through it.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PARSED_BYTES = 4 * 1024 * 1024
+MAX_ENTRIES = 200_000  # lines, however short: each costs a digest and a table entry
 
 
 class JsonFileRegistry(Registry):
@@ -227,9 +228,16 @@ class JsonFileRegistry(Registry):
     next registration writes it back one entry a line.)
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, reread_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        reread_interval: float = 1.0,
+        failed_retry: float = 30.0,
+    ) -> None:
         self.path = Path(path)
         self.reread_interval = reread_interval
+        self.failed_retry = failed_retry  # seconds before a version that failed is read again
         self.refused = 0  # entries of the file as last read that failed verification
         self.rolled_back = 0  # entries of the file as last read refused as rollbacks
         self._lock = asyncio.Lock()
@@ -244,7 +252,9 @@ class JsonFileRegistry(Registry):
         self._next: asyncio.Task[None] | None = None  # the re-read that lookups join
         self._running: asyncio.Task[None] | None = None
         self._last_reread = -math.inf
-        self._failed_stamp: tuple[int, int, int] | None = None  # reported re-read failure
+        # The version of the file whose re-read failed (reported once), and when to retry it.
+        self._failed_stamp: tuple[int, int, int] | None = None
+        self._retry_at = -math.inf
         # What this process has seen, to refuse rollbacks: each deactivated DID's last
         # inactive document, and the keys each DID has replaced.
         self._deactivated: dict[DID, DIDDocument] = {}
@@ -256,10 +266,18 @@ class JsonFileRegistry(Registry):
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
-            stat = self.path.stat()
+            info = self.path.stat()
         except FileNotFoundError:
             return None
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+    def _stamp_now(self) -> tuple[int, int, int] | None:
+        """The file's stamp, or None if it is absent or cannot be looked at (what is known
+        is kept meanwhile)."""
+        try:
+            return self._file_stamp()
+        except OSError:
+            return None
 
     def _read_file(
         self, *, changed_only: bool = True
@@ -374,20 +392,11 @@ class JsonFileRegistry(Registry):
         return document
 
     async def _reread(self) -> None:
-        """Read in a worker thread, verify on the loop in slices; a file that cannot be
-        read keeps what was known (reported once per version of the file, and read again
-        by a later lookup, as a changed file is). A reading that overlapped a write of this
-        registry is discarded: the write applied a newer one, and left the stamp for the
-        next lookup to read the file again."""
+        """Read in a worker thread, verify on the loop in slices. A reading that overlapped
+        a write of this registry is discarded: the write applied a newer one, and left the
+        stamp for the next lookup to read the file again."""
         writes = self._writes
-        try:
-            read = await asyncio.to_thread(self._read_file)
-        except (OSError, RegistryFileError) as error:
-            stamp = self._file_stamp()
-            if stamp != self._failed_stamp:
-                _logger.warning("registry %s: not re-read: %s", self.path, error)
-            self._failed_stamp = stamp
-            return
+        read = await asyncio.to_thread(self._read_file)
         if read is None:
             return
         steps = self._verify(*read)
@@ -403,8 +412,11 @@ class JsonFileRegistry(Registry):
 
     async def lookup(self, did: DID) -> DIDDocument | None:
         document = self._docs.get(did)
-        if self._file_stamp() == self._stamp:
+        stamp = self._stamp_now()
+        if stamp is None or stamp == self._stamp:
             return document
+        if stamp == self._failed_stamp and time.monotonic() < self._retry_at:
+            return document  # this version of the file failed moments ago
         running = self._running is not None and not self._running.done()
         if document is None or (
             not running and time.monotonic() >= self._last_reread + self.reread_interval
@@ -442,19 +454,26 @@ class JsonFileRegistry(Registry):
         # already have read the file past what they are looking for.
         self._next, self._running = None, asyncio.current_task()
         self._last_reread = time.monotonic()
+        # The version read, or older: a failure is never charged to a newer one.
+        stamp = self._stamp_now()
         try:
             await self._reread()
-        except Exception:  # unforeseen: keep serving what is known, retry on a later lookup
-            try:
-                stamp = self._file_stamp()
-            except OSError:
-                stamp = None
-            if stamp is None or stamp != self._failed_stamp:
-                _logger.exception("registry %s: re-read failed", self.path)
-            self._failed_stamp = stamp
+        except Exception as error:  # keep serving what is known
+            self._failed(stamp, error)
         finally:
             if self._running is asyncio.current_task():
                 self._running = None
+
+    def _failed(self, stamp: tuple[int, int, int] | None, error: Exception) -> None:
+        """A re-read failed: reported once per version of the file, which lookups read again
+        only after ``failed_retry`` seconds (a newer version at once), so a file that is
+        costly to refuse is not refused at every lookup that misses."""
+        if stamp is None or stamp != self._failed_stamp:
+            if isinstance(error, (OSError, RegistryFileError)):
+                _logger.warning("registry %s: not re-read: %s", self.path, error)
+            else:
+                _logger.error("registry %s: re-read failed", self.path, exc_info=error)
+        self._failed_stamp, self._retry_at = stamp, time.monotonic() + self.failed_retry
 
     async def _store(self, document: DIDDocument, signature: bytes) -> None:
         async with self._lock:
@@ -534,6 +553,8 @@ def _file_entries(data: bytes, path: Path) -> list[bytes]:
     A file as :class:`JsonFileRegistry` writes it is split by lines, without parsing;
     anything else that is JSON (edited by hand, re-indented) is parsed whole.
     """
+    if data.count(b"\n") > MAX_ENTRIES + 2:  # before splitting: a line costs memory
+        raise RegistryFileError(f"{path}: more than {MAX_ENTRIES} entries")
     lines = data.rstrip(b"\n").split(b"\n")
     if len(lines) >= 2 and lines[0] == _HEADER and lines[-1] == _FOOTER:
         return [line.removesuffix(b",") for line in lines[1:-1] if line]
@@ -551,6 +572,8 @@ def _file_entries(data: bytes, path: Path) -> list[bytes]:
     documents = raw.get("documents", []) if isinstance(raw, dict) else None
     if not isinstance(documents, list):
         raise RegistryFileError(f"{path}: not a JSON registry file")
+    if len(documents) > MAX_ENTRIES:
+        raise RegistryFileError(f"{path}: more than {MAX_ENTRIES} entries")
     if documents and raw.get("version") != FORMAT_VERSION:
         raise RegistryFileError(
             f"{path} holds DID documents without registration signatures (written before "
