@@ -87,7 +87,7 @@ FLAGS: dict[str, dict[str, Case]] = {
         "registry-huge": Case(
             ("--registry", "{inputs}/huge.json"), names=("--registry", "huge.json", "MiB")
         ),
-        "unknown-flag": Case(("--bogus",), names=("--bogus",)),
+        "unknown-flag": Case(("--bogus",), names=("--bogus", "sage-otel serve --help")),
         "prometheus-port-busy": Case(
             env={"OTEL_EXPORTER_PROMETHEUS_PORT": "{busy}"},
             names=("--metrics-port", "OTEL_EXPORTER_PROMETHEUS_PORT", "in use"),
