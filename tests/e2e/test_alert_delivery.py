@@ -378,6 +378,21 @@ class _Known(DIDResolver):
 
 
 @contextlib.contextmanager
+def _in_background(
+    target: Callable[[], object], stop: threading.Event, *, join_timeout: float
+) -> Iterator[None]:
+    """A traffic driver running in a thread while the block runs; stopped (``stop`` set,
+    then joined) when it ends, however it ends."""
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=join_timeout)
+
+
+@contextlib.contextmanager
 def rogue_handshakes(target: Agent, per_second: float) -> Iterator[threading.Event]:
     """Handshakes from an unregistered DID, ``per_second`` of them, each refused by
     ``target`` (unknown_did), as the demo's rogue client makes them but faster; set the
@@ -396,13 +411,8 @@ def rogue_handshakes(target: Agent, per_second: float) -> Iterator[threading.Eve
                 due += 1 / per_second
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
 
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    try:
+    with _in_background(lambda: asyncio.run(run()), stop, join_timeout=15):
         yield stop
-    finally:
-        stop.set()
-        thread.join(timeout=15)
 
 
 @dataclass
@@ -459,13 +469,8 @@ def over_capacity(target: Agent, peers: int, per_second: float) -> Iterator[Hand
                 due += 1 / per_second
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
 
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    try:
+    with _in_background(lambda: asyncio.run(run()), seen.stop, join_timeout=15):
         yield seen
-    finally:
-        seen.stop.set()
-        thread.join(timeout=15)
 
 
 # --- what no traffic here trips, pushed as an agent's own OTLP metric exporter sends it -------
@@ -528,13 +533,8 @@ def failing_sessions_and_slow_sealing(
         provider.shutdown()  # its last export included
         pushed.stopped = time.time()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
+    with _in_background(run, stop, join_timeout=30):
         yield pushed
-    finally:
-        stop.set()
-        thread.join(timeout=30)
 
 
 # --- the test ---------------------------------------------------------------------------------
